@@ -1,0 +1,3 @@
+from capsdist.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""The typed configuration schema: every knob of capsdist, with its default and meaning.
+
+Precedence when loading: these defaults < YAML presets (in order) < `a.b=c` overrides.
+Cross-field rules raise in `__post_init__`; derived values are methods, not extra fields.
+Each field's docstring is the string literal right below it (shown by `capsdist train --help-config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    """Folder with the shards and meta.json written by `capsdist data ...` (required to train)."""
+    dataset: str = "mnist"
+    """Name of the data set; must match `dataset` in the shards' meta.json."""
+    train_split: str = "train"
+    """Split used for training."""
+    eval_split: str = "test"
+    """Split used for evaluation and validation."""
+    shift_pixels: int = 2
+    """Random translation in training, ±pixels on each axis with zero fill (the reference's MNIST)."""
+    shuffle_buffer: int = 2000
+    """Samples held in the in-memory shuffle buffer of each reader."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 reads in the training process)."""
+
+    def __post_init__(self) -> None:
+        if self.shift_pixels < 0:
+            raise ConfigError(f"data.shift_pixels must be >= 0, got {self.shift_pixels}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "capsnet"
+    """Architecture: `capsnet`, `baseline` (the reference code's CNN) or `baseline_paper`."""
+    image_shape: list[int] = field(default_factory=lambda: [28, 28, 1])
+    """Input image shape [H, W, C] as the model sees it (after any crop)."""
+    num_classes: int = 10
+    """Number of classes (class capsules)."""
+    num_targets: int = 1
+    """Objects per image: 1, or 2 for MultiMNIST (both labels must be the top two)."""
+    conv1_channels: int = 256
+    """Channels of the first 9x9 convolution."""
+    conv1_kernel: int = 9
+    """Kernel size of the first convolution."""
+    primary_kernel: int = 9
+    """Kernel size of the primary-capsule convolution (stride 2)."""
+    num_prime_capsules: int = 32
+    """Primary capsule types (the reference's `num_prime_capsules`)."""
+    prime_dim: int = 8
+    """Pose dimensions of a primary capsule."""
+    class_dim: int = 16
+    """Pose dimensions of a class capsule."""
+    routing_iters: int = 3
+    """Routing-by-agreement iterations in the class-capsule layer (the reference's `routing`)."""
+    padding: str = "VALID"
+    """Padding of conv1 and the primary-capsule conv: `VALID` or `SAME` (TensorFlow semantics)."""
+    leaky_routing: bool = False
+    """Add an all-zero "orphan" logit to the routing softmax (the reference's `leaky`)."""
+    routing_detach: bool = False
+    """Stop gradients through the votes in all but the last routing iteration (the reference: off)."""
+    reconstruction: bool = True
+    """Reconstruction decoder and its loss (the reference's `remake`)."""
+    decoder_hidden: list[int] = field(default_factory=lambda: [512, 1024])
+    """Hidden widths of the reconstruction decoder."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("capsnet", "baseline", "baseline_paper"):
+            raise ConfigError(
+                f"model.name must be capsnet, baseline or baseline_paper, got {self.name!r}"
+            )
+        if self.padding not in ("VALID", "SAME"):
+            raise ConfigError(f"model.padding must be VALID or SAME, got {self.padding!r}")
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise ConfigError(f"model.image_shape must be [H, W, C], got {self.image_shape}")
+        if self.routing_iters < 1:
+            raise ConfigError(f"model.routing_iters must be >= 1, got {self.routing_iters}")
+        if self.num_targets not in (1, 2):
+            raise ConfigError(f"model.num_targets must be 1 or 2, got {self.num_targets}")
+
+
+@dataclass
+class LossConfig:
+    name: str = "margin"
+    """`margin` (CapsNet), `softmax` (1-target CNN) or `sigmoid` (2-target CNN), as the reference."""
+    margin_reduction: str = "reference"
+    """`reference`: mean over batch and classes with the code's extra 0.5 (= 0.5/J x paper);
+    `paper`: sum over classes, mean over batch."""
+    m_plus: float = 0.9
+    """Margin loss: a present class should have length above this."""
+    m_minus: float = 0.1
+    """Margin loss: an absent class should have length below this."""
+    down_weight: float = 0.5
+    """Margin loss: weight of the absent-class term (the paper's lambda)."""
+    reconstruction_weight: float = 0.0005
+    """Weight of the reconstruction loss (sum of squared pixel errors, batch mean)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("margin", "softmax", "sigmoid"):
+            raise ConfigError(f"loss.name must be margin, softmax or sigmoid, got {self.name!r}")
+        if self.margin_reduction not in ("reference", "paper"):
+            raise ConfigError(
+                f"loss.margin_reduction must be reference or paper, got {self.margin_reduction!r}"
+            )
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128
+    """Global batch size (summed over all ranks and accumulation steps), the reference's 128."""
+    micro_batch_size: int = 0
+    """Per-rank micro-batch; 0 means batch_size / world_size (no gradient accumulation)."""
+    max_steps: int = 1000
+    """Optimizer steps to train for (the reference's `max_steps`)."""
+    time_limit_s: float = 0.0
+    """Stop cleanly after this many seconds of training (checkpoint + export); 0 = no limit."""
+    lr: float = 0.001
+    """Adam learning rate (the reference's `learning_rate`)."""
+    lr_decay_rate: float = 0.96
+    """Exponential decay: lr * rate^(step / lr_decay_steps), continuous (the reference's)."""
+    lr_decay_steps: int = 2000
+    """Steps over which the learning rate decays by `lr_decay_rate`."""
+    lr_min: float = 1e-6
+    """Floor of the decayed learning rate."""
+    checkpoint_every: int = 1500
+    """Save a checkpoint every this many steps (the reference's `save_step`); 0 = only at the end."""
+    keep_last: int = 3
+    """Number of checkpoints kept in run.dir/checkpoints."""
+    log_every: int = 10
+    """Write a metrics.jsonl / W&B line every this many steps."""
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "max_steps", "lr_decay_steps", "log_every", "keep_last"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.micro_batch_size < 0:
+            raise ConfigError(f"train.micro_batch_size must be >= 0, got {self.micro_batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 100
+    """Evaluation batch size per rank (the reference's 100)."""
+    max_examples: int = 0
+    """Evaluate on at most this many examples; 0 = the whole split."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""
+    """Run directory (config, checkpoints, metrics, weights); empty = runs/<first config's name>."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    """ZeRO optimisation stage: 0, 1 or 2."""
+    precision: str = "fp32"
+    """`fp32`, `bf16` or `fp16` (fp16 needs a GPU; routing overflows in fp16, bf16 works)."""
+    gradient_clipping: float = 0.0
+    """Clip the global gradient norm to this value; 0 = off (the reference does not clip)."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"ds.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"ds.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """`offline` (default: nothing needs the network), `online` or `disabled`."""
+    project: str = "capsdist"
+    """W&B project."""
+    group: str = ""
+    """W&B group (sweeps and ensembles set it)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ConfigError(f"wandb.mode must be offline, online or disabled, got {self.mode!r}")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    ds: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    seed: int = 0
+    """Seed of weights, data order and augmentation."""
+    ckpt: str = ""
+    """Checkpoint to evaluate: a run directory or a .safetensors file (`capsdist eval`)."""
+
+    def __post_init__(self) -> None:
+        is_cnn = self.model.name != "capsnet"
+        if is_cnn and self.loss.name == "margin":
+            raise ConfigError(
+                f"loss.name=margin needs capsule lengths; model.name={self.model.name} "
+                "trains with loss.name=softmax (1 target) or sigmoid (2 targets)"
+            )
+        if self.loss.name == "softmax" and self.model.num_targets != 1:
+            raise ConfigError("loss.name=softmax is for model.num_targets=1; use sigmoid")

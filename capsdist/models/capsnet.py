@@ -1,0 +1,179 @@
+"""The CapsNet of Sabour et al. 2017, laid out as the reference code (models/capsule_model.py).
+
+conv1 (9x9, ReLU) → primary capsules (9x9 stride-2 conv, squashed 8-D capsules at every grid
+position) → class capsules (a separate 8→16 matrix per input capsule and class, routing by
+agreement) → lengths; optional decoder reconstructs the input from the masked class capsules.
+Shapes use the legend of capsule_ops.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from capsdist.config.schema import ModelConfig
+from capsdist.models.capsule_ops import safe_norm, squash
+from capsdist.models.output import ModelOutput
+from capsdist.models.routing import route
+
+
+def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """TensorFlow's truncated_normal: redraw values beyond two standard deviations."""
+    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
+def tf_padding(size: int, kernel: int, stride: int, padding: str) -> tuple[int, int]:
+    """(before, after) padding of one axis with TensorFlow's VALID/SAME rule (SAME may be
+    asymmetric for stride 2, which PyTorch's `padding="same"` does not support)."""
+    if padding == "VALID":
+        return 0, 0
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
+    before, after = tf_padding(size, kernel, stride, padding)
+    return (size + before + after - kernel) // stride + 1
+
+
+class TFConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow VALID/SAME padding for a known input size."""
+
+    def __init__(self, in_ch, out_ch, kernel, stride, padding, in_hw, bias=True):
+        super().__init__(in_ch, out_ch, kernel, stride, bias=bias)
+        pad_h = tf_padding(in_hw[0], kernel, stride, padding)
+        pad_w = tf_padding(in_hw[1], kernel, stride, padding)
+        self.pad = (pad_w[0], pad_w[1], pad_h[0], pad_h[1])
+        self.out_hw = (
+            conv_output_size(in_hw[0], kernel, stride, padding),
+            conv_output_size(in_hw[1], kernel, stride, padding),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, self.pad) if any(self.pad) else x)
+
+
+class PrimaryCapsules(nn.Module):
+    """Convolutional capsules: one conv to types × Din channels, squashed per capsule.
+
+    The reference runs its routing function here with one iteration and a single input capsule,
+    so every vote is scaled by softmax(zeros over the types) = 1/types (1/(types+1) when leaky)
+    before the bias [types, Din] is added. We keep that quirk for fidelity.
+    """
+
+    def __init__(self, in_ch: int, cfg: ModelConfig, in_hw: tuple[int, int]):
+        super().__init__()
+        self.types, self.dim = cfg.num_prime_capsules, cfg.prime_dim
+        self.conv = TFConv2d(
+            in_ch, self.types * self.dim, cfg.primary_kernel, 2, cfg.padding, in_hw, bias=False
+        )
+        self.bias = nn.Parameter(torch.empty(self.types, self.dim))
+        self.vote_scale = 1.0 / (self.types + 1 if cfg.leaky_routing else self.types)
+        self.out_hw = self.conv.out_hw
+
+    def num_capsules(self) -> int:
+        return self.types * self.out_hw[0] * self.out_hw[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        out = self.conv(x).view(b, self.types, self.dim, *self.out_hw)  # (B, types, Din, H, W)
+        out = out.permute(0, 1, 3, 4, 2)  # (B, types, H, W, Din)
+        s = out * self.vote_scale + self.bias[:, None, None, :]
+        return squash(s).reshape(b, -1, self.dim)  # (B, I, Din), I = types·H·W
+
+
+class ClassCapsules(nn.Module):
+    """Fully connected capsules: W_ij (Din → Dout) for every input i and class j, then routing."""
+
+    def __init__(self, num_inputs: int, cfg: ModelConfig):
+        super().__init__()
+        self.num_classes, self.dim = cfg.num_classes, cfg.class_dim
+        self.iters, self.leaky, self.detach = (
+            cfg.routing_iters,
+            cfg.leaky_routing,
+            cfg.routing_detach,
+        )
+        # (I, Din, J·Dout) as the reference: one batched matmul over I computes every vote.
+        self.weight = nn.Parameter(torch.empty(num_inputs, cfg.prime_dim, self.num_classes * self.dim))
+        self.bias = nn.Parameter(torch.empty(self.num_classes, self.dim))
+
+    def votes(self, u_bid: torch.Tensor) -> torch.Tensor:
+        b, i, _ = u_bid.shape
+        votes_ibk = torch.bmm(u_bid.transpose(0, 1), self.weight)  # (I, B, J·Dout)
+        return votes_ibk.transpose(0, 1).reshape(b, i, self.num_classes, self.dim)  # (B, I, J, D)
+
+    def forward(self, u_bid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return route(self.votes(u_bid), self.bias, self.iters, self.leaky, self.detach)
+
+
+class Decoder(nn.Module):
+    """Reconstruct the input from the class capsules, all but one masked to zero."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, w, c = cfg.image_shape
+        self.image_chw = (c, h, w)
+        widths = [cfg.num_classes * cfg.class_dim, *cfg.decoder_hidden, c * h * w]
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+        layers[-1] = nn.Sigmoid()
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, poses_bjd: torch.Tensor, targets_bt: torch.Tensor) -> torch.Tensor:
+        """poses (B, J, D), targets (B, T) class indices → (B, T, C, H, W), one image per target."""
+        num_classes = poses_bjd.shape[1]
+        mask_btj = F.one_hot(targets_bt, num_classes).to(poses_bjd.dtype)
+        masked = mask_btj[..., None] * poses_bjd[:, None]  # (B, T, J, D)
+        pixels = self.net(masked.flatten(2))  # (B, T, C·H·W)
+        return pixels.view(*targets_bt.shape, *self.image_chw)
+
+
+class CapsNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, w, c = cfg.image_shape
+        self.num_targets = cfg.num_targets
+        self.conv1 = TFConv2d(c, cfg.conv1_channels, cfg.conv1_kernel, 1, cfg.padding, (h, w))
+        self.primary = PrimaryCapsules(cfg.conv1_channels, cfg, self.conv1.out_hw)
+        if min(self.primary.out_hw) < 1:
+            raise ValueError(
+                f"model.image_shape {cfg.image_shape} is too small for {cfg.padding} padding "
+                f"with kernels {cfg.conv1_kernel} and {cfg.primary_kernel}"
+            )
+        self.classes = ClassCapsules(self.primary.num_capsules(), cfg)
+        self.decoder = Decoder(cfg) if cfg.reconstruction else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference's initialisation: truncated normal (conv1 0.05, others 0.1), biases 0.1.
+        (W with std 0.01 trains ~50 batches without learning: the init matters.)"""
+        truncated_normal_(self.conv1.weight, 0.05)
+        truncated_normal_(self.primary.conv.weight, 0.1)
+        truncated_normal_(self.classes.weight, 0.1)
+        nn.init.constant_(self.conv1.bias, 0.1)
+        nn.init.constant_(self.primary.bias, 0.1)
+        nn.init.constant_(self.classes.bias, 0.1)
+        for layer in self.decoder.net if self.decoder else []:
+            if isinstance(layer, nn.Linear):
+                truncated_normal_(layer.weight, 0.1)
+                nn.init.constant_(layer.bias, 0.1)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        """images (B, C, H, W) in [0, 1]; labels (B,) or (B, T) mask the decoder in training.
+        In evaluation (or without labels) the decoder is masked by the predicted classes."""
+        u_bid = self.primary(F.relu(self.conv1(images)))
+        v_bjd, c_bij = self.classes(u_bid)
+        out = ModelOutput(lengths=safe_norm(v_bjd, dim=-1), poses=v_bjd, coupling=c_bij)
+        if self.decoder is not None:
+            if self.training and labels is not None:
+                targets_bt = labels.view(labels.shape[0], -1)
+            else:
+                targets_bt = out.predictions(self.num_targets).view(images.shape[0], -1)
+            recon = self.decoder(v_bjd, targets_bt)
+            out.reconstruction = recon[:, 0] if self.num_targets == 1 else recon
+        return out

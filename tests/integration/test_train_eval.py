@@ -1,0 +1,67 @@
+"""`capsdist train` and `capsdist eval` end to end on real MNIST digits, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_capsdist
+
+pytestmark = pytest.mark.slow
+
+DEBUG = ["-c", "configs/debug_cpu.yaml"]
+
+
+def test_train_then_eval_writes_everything_and_learns(mnist_sample, tmp_path):
+    run = tmp_path / "run"
+    train = run_capsdist("train", *DEBUG, f"data.root={mnist_sample}", f"run.dir={run}",
+                         "train.max_steps=60")
+    assert train.returncode == 0, train.stderr
+    result = train.result
+    assert result["step"] == 60 and result["run_dir"] == str(run)
+    assert result["images_per_s"] > 0 and result["train_accuracy"] > 0.3  # 10 classes: chance 0.1
+    assert "train:" in train.stderr and "60/60" in train.stderr  # the progress bar
+    for name in ("config.yaml", "metrics.jsonl", "model.safetensors", "deepspeed_config.json"):
+        assert (run / name).exists(), name
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [10, 20, 30, 40, 50, 60]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+
+    evaluation = run_capsdist("eval", *DEBUG, f"data.root={mnist_sample}", f"ckpt={run}")
+    assert evaluation.returncode == 0, evaluation.stderr
+    scores = evaluation.result
+    assert scores["num_examples"] == 1000
+    assert 0.3 < scores["accuracy"] <= 1.0
+    assert json.loads((run / "eval.json").read_text())["accuracy"] == scores["accuracy"]
+
+
+def test_resume_k_plus_k_equals_2k_straight(mnist_sample, tmp_path):
+    common = [*DEBUG, f"data.root={mnist_sample}", "train.checkpoint_every=8", "train.log_every=4"]
+    straight = run_capsdist("train", *common, f"run.dir={tmp_path / 'a'}", "train.max_steps=16")
+    assert straight.returncode == 0, straight.stderr
+    first = run_capsdist("train", *common, f"run.dir={tmp_path / 'b'}", "train.max_steps=8")
+    assert first.returncode == 0, first.stderr
+    second = run_capsdist("train", *common, f"run.dir={tmp_path / 'b'}", "train.max_steps=16")
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout + second.stderr and "at step 8" in second.stdout
+    assert second.result["step"] == 16
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert straight.result["loss"] == pytest.approx(second.result["loss"], rel=1e-5)
+
+
+def test_time_limit_stops_cleanly_with_checkpoint_and_export(mnist_sample, tmp_path):
+    run = tmp_path / "run"
+    out = run_capsdist("train", *DEBUG, f"data.root={mnist_sample}", f"run.dir={run}",
+                       "train.max_steps=100000", "train.time_limit_s=2")
+    assert out.returncode == 0, out.stderr
+    step = out.result["step"]
+    assert 0 < step < 100000
+    assert (run / "model.safetensors").exists()
+    assert (run / "checkpoints" / f"step{step:09d}" / "capsdist.json").exists()
