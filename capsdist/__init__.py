@@ -1,3 +1,3 @@
-"""capsdist: distributed, large-scale training of Capsule Networks (Sabour, Frosst & Hinton 2017)."""
+"""capsdist: distributed training of Capsule Networks (Sabour, Frosst & Hinton 2017)."""
 
 __version__ = "0.1.0"

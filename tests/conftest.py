@@ -29,8 +29,13 @@ class CliResult:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "OMP_NUM_THREADS": "1", **extra}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
@@ -39,8 +44,12 @@ def cli_env(**extra: str) -> dict[str, str]:
 def run_capsdist(*args: str, timeout: float = 300, **env: str) -> CliResult:
     """Run `python -m capsdist ARGS` as a user would, from the project root."""
     proc = subprocess.run(
-        [sys.executable, "-m", "capsdist", *map(str, args)], cwd=ROOT, env=cli_env(**env),
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "capsdist", *map(str, args)],
+        cwd=ROOT,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 

@@ -48,7 +48,7 @@ def _check_keys(keys: Iterable[str], source: str) -> None:
     for key in keys:
         if key in known or key in sections:
             continue
-        # Match on the whole dotted key, then on its last part (`routing_iter` → model.routing_iters).
+        # Match the whole dotted key, then its last part (`routing_iter` → model.routing_iters).
         hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         if not hint:
             leaves = {k.rsplit(".", 1)[-1]: k for k in known}

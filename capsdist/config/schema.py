@@ -2,15 +2,17 @@
 
 Precedence when loading: these defaults < YAML presets (in order) < `a.b=c` overrides.
 Cross-field rules raise in `__post_init__`; derived values are methods, not extra fields.
-Each field's docstring is the string literal right below it (shown by `capsdist train --help-config`).
+Each field's docstring is the string literal right below it (listed by `capsdist keys`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from capsdist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value or key is invalid; the message names the key."""
 
 
@@ -25,7 +27,7 @@ class DataConfig:
     eval_split: str = "test"
     """Split used for evaluation and validation."""
     shift_pixels: int = 2
-    """Random translation in training, ±pixels on each axis with zero fill (the reference's MNIST)."""
+    """Random training translation, ±pixels per axis with zero fill (the reference's MNIST)."""
     shuffle_buffer: int = 2000
     """Samples held in the in-memory shuffle buffer of each reader."""
     num_workers: int = 0
@@ -67,7 +69,7 @@ class ModelConfig:
     leaky_routing: bool = False
     """Add an all-zero "orphan" logit to the routing softmax (the reference's `leaky`)."""
     routing_detach: bool = False
-    """Stop gradients through the votes in all but the last routing iteration (the reference: off)."""
+    """Stop gradients through the votes in all but the last routing iteration (reference: off)."""
     reconstruction: bool = True
     """Reconstruction decoder and its loss (the reference's `remake`)."""
     decoder_hidden: list[int] = field(default_factory=lambda: [512, 1024])
@@ -91,7 +93,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: str = "margin"
-    """`margin` (CapsNet), `softmax` (1-target CNN) or `sigmoid` (2-target CNN), as the reference."""
+    """`margin` (CapsNet), `softmax` (1-target CNN) or `sigmoid` (2-target CNN), as reference."""
     margin_reduction: str = "reference"
     """`reference`: mean over batch and classes with the code's extra 0.5 (= 0.5/J x paper);
     `paper`: sum over classes, mean over batch."""
@@ -132,7 +134,7 @@ class TrainConfig:
     lr_min: float = 1e-6
     """Floor of the decayed learning rate."""
     checkpoint_every: int = 1500
-    """Save a checkpoint every this many steps (the reference's `save_step`); 0 = only at the end."""
+    """Checkpoint every this many steps (the reference's `save_step`); 0 = only at the end."""
     keep_last: int = 3
     """Number of checkpoints kept in run.dir/checkpoints."""
     log_every: int = 10

@@ -25,8 +25,11 @@ def resolve_weights(ckpt: str) -> Path:
     if path.is_dir():
         weights = path / "model.safetensors"
         if not weights.exists():
-            hint = " (training has not finished or was stopped early)" if (
-                path / "checkpoints").exists() else ""
+            hint = (
+                " (training has not finished or was stopped early)"
+                if (path / "checkpoints").exists()
+                else ""
+            )
             raise CheckpointError(f"{weights} does not exist{hint}: train to the end first")
         return weights
     if not path.exists():
@@ -51,8 +54,13 @@ def load_model(weights: Path, cfg: Config, device: torch.device) -> torch.nn.Mod
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, reader: ShardReader, cfg: Config,
-             device: torch.device, desc: str = "eval") -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    reader: ShardReader,
+    cfg: Config,
+    device: torch.device,
+    desc: str = "eval",
+) -> dict:
     """Loss and accuracy (top-T classes = the T true classes) over the reader's split."""
     loss_sum = correct = examples = 0.0
     bar = ProgressBar(reader.batches_per_epoch, desc=desc, unit="batch")
@@ -81,9 +89,17 @@ def run_eval(cfg: Config) -> dict:
     read_meta(cfg.data.root)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(weights, cfg, device)
-    reader = ShardReader(cfg.data.root, cfg.data.eval_split, batch_size=cfg.eval.batch_size,
-                         train=False, max_examples=cfg.eval.max_examples)
-    result = {**evaluate(model, reader, cfg, device), "checkpoint": str(weights),
-              "split": cfg.data.eval_split}
+    reader = ShardReader(
+        cfg.data.root,
+        cfg.data.eval_split,
+        batch_size=cfg.eval.batch_size,
+        train=False,
+        max_examples=cfg.eval.max_examples,
+    )
+    result = {
+        **evaluate(model, reader, cfg, device),
+        "checkpoint": str(weights),
+        "split": cfg.data.eval_split,
+    }
     write_json_atomic(weights.parent / "eval.json", {**result, "config": asdict(cfg)})
     return result

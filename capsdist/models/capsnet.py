@@ -98,7 +98,9 @@ class ClassCapsules(nn.Module):
             cfg.routing_detach,
         )
         # (I, Din, J·Dout) as the reference: one batched matmul over I computes every vote.
-        self.weight = nn.Parameter(torch.empty(num_inputs, cfg.prime_dim, self.num_classes * self.dim))
+        self.weight = nn.Parameter(
+            torch.empty(num_inputs, cfg.prime_dim, self.num_classes * self.dim)
+        )
         self.bias = nn.Parameter(torch.empty(self.num_classes, self.dim))
 
     def votes(self, u_bid: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Protocol
 
@@ -22,10 +23,12 @@ class JsonlSink:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a")
+        self._file = open(path, "a")  # noqa: SIM115 - open for the whole run, closed in close()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self._file.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
+        self._file.write(
+            json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n"
+        )
         self._file.flush()
 
     def close(self) -> None:
@@ -36,17 +39,32 @@ class WandbSink:
     """A W&B run (offline by default). Its id is kept in the run directory so that a restarted
     job resumes the same W&B run instead of starting a new one."""
 
-    def __init__(self, run_dir: Path, mode: str, project: str, config: dict, job_type: str,
-                 group: str = "", tags: list[str] | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        mode: str,
+        project: str,
+        config: dict,
+        job_type: str,
+        group: str = "",
+        tags: list[str] | None = None,
+    ):
         import wandb
 
         id_file = run_dir / f"wandb_{job_type}_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         os.environ.setdefault("WANDB_SILENT", "true")
         self._run = wandb.init(
-            project=project, mode=mode, dir=str(run_dir), id=run_id, resume="allow",
-            config=config, job_type=job_type, group=group or None, tags=tags or None,
+            project=project,
+            mode=mode,
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+            config=config,
+            job_type=job_type,
+            group=group or None,
+            tags=tags or None,
             name=f"{run_dir.name}-{job_type}",
         )
 
@@ -61,8 +79,15 @@ class ProgressBar:
     """A tqdm bar on stderr (stdout is kept for the final JSON line)."""
 
     def __init__(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step"):
-        self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
-                         dynamic_ncols=True, mininterval=0.5)
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            unit=unit,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
 
     def update(self, n: int = 1, **postfix: float | str) -> None:
         if postfix:

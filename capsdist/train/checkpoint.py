@@ -1,4 +1,4 @@
-"""DeepSpeed checkpoints in run.dir/checkpoints, written so that a crash never loses the last good one.
+"""DeepSpeed checkpoints in run.dir/checkpoints; a crash never loses the last good one.
 
 Layout: checkpoints/step000001500/ (DeepSpeed's files + capsdist.json, written LAST, which marks
 the checkpoint complete) and checkpoints/latest (the newest complete tag, replaced atomically).
@@ -16,12 +16,13 @@ import torch.distributed as dist
 
 from capsdist.config.schema import ModelConfig
 from capsdist.dist.env import DistEnv
+from capsdist.errors import UserError
 from capsdist.files import write_json_atomic, write_text_atomic
 
 MARKER = "capsdist.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, damaged or belongs to another model; the message names it."""
 
 
@@ -42,7 +43,9 @@ def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 
 def model_differences(saved: dict, current: ModelConfig) -> list[str]:
     now = asdict(current)
-    return [f"model.{k}: {saved.get(k)!r} there, {now[k]!r} here" for k in now if saved.get(k) != now[k]]
+    return [
+        f"model.{k}: {saved.get(k)!r} there, {now[k]!r} here" for k in now if saved.get(k) != now[k]
+    ]
 
 
 def check_same_model(ckpt_dir: Path, model_cfg: ModelConfig) -> None:
@@ -60,8 +63,13 @@ def check_same_model(ckpt_dir: Path, model_cfg: ModelConfig) -> None:
 
 
 def save_checkpoint(
-    engine, ckpt_dir: Path, step: int, client_state: dict, model_cfg: ModelConfig,
-    env: DistEnv, keep_last: int,
+    engine,
+    ckpt_dir: Path,
+    step: int,
+    client_state: dict,
+    model_cfg: ModelConfig,
+    env: DistEnv,
+    keep_last: int,
 ) -> None:
     """Save on every rank (ZeRO shards), then mark complete, point `latest` at it, prune."""
     tag = tag_for(step)
@@ -83,12 +91,14 @@ def load_latest(engine, ckpt_dir: Path) -> tuple[int, dict] | None:
         try:
             path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=folder.name)
         except Exception as err:  # a damaged file surfaces as any of torch's load errors
-            warnings.warn(f"checkpoint {folder} is damaged ({err}); trying the previous one",
-                          stacklevel=2)
+            warnings.warn(
+                f"checkpoint {folder} is damaged ({err}); trying the previous one", stacklevel=2
+            )
             continue
         if path is None:
-            warnings.warn(f"checkpoint {folder} could not be loaded; trying the previous one",
-                          stacklevel=2)
+            warnings.warn(
+                f"checkpoint {folder} could not be loaded; trying the previous one", stacklevel=2
+            )
             continue
         return step, client_state
     if checkpoints:

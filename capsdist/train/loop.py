@@ -20,15 +20,16 @@ from capsdist.config.schema import ConfigError
 from capsdist.data import ShardReader, read_meta
 from capsdist.dist import DistEnv, batch_layout, build_deepspeed_config
 from capsdist.dist.engine import build_engine, init_process_group
+from capsdist.errors import UserError
 from capsdist.files import write_json_atomic
 from capsdist.models import build_model
+from capsdist.track import JsonlSink, ProgressBar, WandbSink
 from capsdist.train.checkpoint import check_same_model, load_latest, save_checkpoint
 from capsdist.train.export import export_weights
 from capsdist.train.step import WindowStats, any_rank, replica_report, train_step
-from capsdist.track import JsonlSink, ProgressBar, WandbSink
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN/inf; nothing was saved from the broken state."""
 
 
@@ -67,9 +68,15 @@ def run_training(cfg: Config) -> dict:
     try:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         reader = ShardReader(
-            cfg.data.root, cfg.data.train_split, batch_size=micro_batch, rank=env.rank,
-            world_size=env.world_size, seed=cfg.seed, train=True,
-            shift_pixels=cfg.data.shift_pixels, shuffle_buffer=cfg.data.shuffle_buffer,
+            cfg.data.root,
+            cfg.data.train_split,
+            batch_size=micro_batch,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=cfg.seed,
+            train=True,
+            shift_pixels=cfg.data.shift_pixels,
+            shuffle_buffer=cfg.data.shuffle_buffer,
             num_workers=cfg.data.num_workers,
         )
         engine = build_engine(build_model(cfg.model), cfg, env)
@@ -77,14 +84,24 @@ def run_training(cfg: Config) -> dict:
         start_step = resumed[0] if resumed else 0
         if env.is_main:
             save_config(cfg, run_dir / "config.yaml")
-            write_json_atomic(run_dir / "deepspeed_config.json",
-                              build_deepspeed_config(cfg, env.world_size))
+            write_json_atomic(
+                run_dir / "deepspeed_config.json", build_deepspeed_config(cfg, env.world_size)
+            )
             if resumed:
                 print(f"resumed from {ckpt_dir} at step {start_step}", flush=True)
             sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
             if cfg.wandb.mode != "disabled":
-                sinks.append(WandbSink(run_dir, cfg.wandb.mode, cfg.wandb.project, asdict(cfg),
-                                       "train", cfg.wandb.group, cfg.wandb.tags))
+                sinks.append(
+                    WandbSink(
+                        run_dir,
+                        cfg.wandb.mode,
+                        cfg.wandb.project,
+                        asdict(cfg),
+                        "train",
+                        cfg.wandb.group,
+                        cfg.wandb.tags,
+                    )
+                )
             bar = ProgressBar(cfg.train.max_steps, initial=start_step)
         result = _loop(cfg, env, engine, reader, start_step, accumulation, sinks, bar, ckpt_dir)
         in_sync, shards_by_rank = replica_report(engine.module, reader.shards)
@@ -112,8 +129,9 @@ def _loop(cfg, env, engine, reader, start_step, accumulation, sinks, bar, ckpt_d
     step = start_step
 
     def checkpoint(at_step: int) -> None:
-        save_checkpoint(engine, ckpt_dir, at_step, {"step": at_step}, cfg.model, env,
-                        cfg.train.keep_last)
+        save_checkpoint(
+            engine, ckpt_dir, at_step, {"step": at_step}, cfg.model, env, cfg.train.keep_last
+        )
 
     while step < cfg.train.max_steps:
         for _ in range(accumulation):
@@ -132,21 +150,34 @@ def _loop(cfg, env, engine, reader, start_step, accumulation, sinks, bar, ckpt_d
         last = step == cfg.train.max_steps or any_rank(out_of_time)
         if step % cfg.train.log_every == 0 or last:
             loss, accuracy = window.reduce()
-            metrics = {"loss": loss, "train_accuracy": accuracy, "images_per_s": images_per_s,
-                       "lr": engine.get_lr()[0]}
+            metrics = {
+                "loss": loss,
+                "train_accuracy": accuracy,
+                "images_per_s": images_per_s,
+                "lr": engine.get_lr()[0],
+            }
             for sink in sinks:
                 sink.log(step, metrics)
         if bar:
-            bar.update(1, loss=f"{float(micro_loss):.4f}", acc=f"{accuracy:.3f}",
-                       img_s=f"{images_per_s:.0f}")
+            bar.update(
+                1,
+                loss=f"{float(micro_loss):.4f}",
+                acc=f"{accuracy:.3f}",
+                img_s=f"{images_per_s:.0f}",
+            )
         if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
             checkpoint(step)
         if last:
             break
     if step == start_step:  # resumed a run that had already finished
         loss, accuracy = _previous_result(Path(cfg.run.dir))
-    return {"step": step, "loss": loss, "train_accuracy": accuracy,
-            "images_per_s": images_per_s, "run_dir": str(cfg.run.dir)}
+    return {
+        "step": step,
+        "loss": loss,
+        "train_accuracy": accuracy,
+        "images_per_s": images_per_s,
+        "run_dir": str(cfg.run.dir),
+    }
 
 
 def _previous_result(run_dir: Path) -> tuple[float, float]:

@@ -46,8 +46,9 @@ class WindowStats:
 
     def reduce(self) -> tuple[float, float]:
         """(mean loss, accuracy) over every rank's window, then reset the window."""
-        totals = torch.tensor([self.loss_sum, self.correct, self.examples, self.batches],
-                              dtype=torch.float64)
+        totals = torch.tensor(
+            [self.loss_sum, self.correct, self.examples, self.batches], dtype=torch.float64
+        )
         if dist.is_initialized():
             totals = totals.to(_reduce_device())
             dist.all_reduce(totals)

@@ -17,8 +17,9 @@ DEBUG = ["-c", "configs/debug_cpu.yaml"]
 
 def test_train_then_eval_writes_everything_and_learns(mnist_sample, tmp_path):
     run = tmp_path / "run"
-    train = run_capsdist("train", *DEBUG, f"data.root={mnist_sample}", f"run.dir={run}",
-                         "train.max_steps=60")
+    train = run_capsdist(
+        "train", *DEBUG, f"data.root={mnist_sample}", f"run.dir={run}", "train.max_steps=60"
+    )
     assert train.returncode == 0, train.stderr
     result = train.result
     assert result["step"] == 60 and result["run_dir"] == str(run)
@@ -58,10 +59,35 @@ def test_resume_k_plus_k_equals_2k_straight(mnist_sample, tmp_path):
 
 def test_time_limit_stops_cleanly_with_checkpoint_and_export(mnist_sample, tmp_path):
     run = tmp_path / "run"
-    out = run_capsdist("train", *DEBUG, f"data.root={mnist_sample}", f"run.dir={run}",
-                       "train.max_steps=100000", "train.time_limit_s=2")
+    out = run_capsdist(
+        "train",
+        *DEBUG,
+        f"data.root={mnist_sample}",
+        f"run.dir={run}",
+        "train.max_steps=100000",
+        "train.time_limit_s=2",
+    )
     assert out.returncode == 0, out.stderr
     step = out.result["step"]
     assert 0 < step < 100000
     assert (run / "model.safetensors").exists()
     assert (run / "checkpoints" / f"step{step:09d}" / "capsdist.json").exists()
+
+
+def test_wandb_offline_run_is_written_and_resumed_with_the_same_id(mnist_sample, tmp_path):
+    run = tmp_path / "run"
+    common = [
+        *DEBUG,
+        f"data.root={mnist_sample}",
+        f"run.dir={run}",
+        "wandb.mode=offline",
+        "train.checkpoint_every=2",
+        "train.log_every=2",
+    ]
+    first = run_capsdist("train", *common, "train.max_steps=2", WANDB_MODE="offline")
+    assert first.returncode == 0, first.stderr
+    second = run_capsdist("train", *common, "train.max_steps=4", WANDB_MODE="offline")
+    assert second.returncode == 0, second.stderr
+    run_id = (run / "wandb_train_id.txt").read_text().strip()
+    offline_runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(p.name.endswith(run_id) for p in offline_runs)

@@ -62,7 +62,9 @@ def test_two_routing_iterations_by_hand():
     v1 = s1 * s1.abs() / (1 + s1**2)  # squash in 1-D: sign · s²/(1+s²)
     b = torch.tensor([[1.0 * v1[0], 0.0 * v1[1]], [1.0 * v1[0], 2.0 * v1[1]]])  # û·v
     c = torch.softmax(b, dim=1)
-    s2 = torch.stack([(c[:, 0] * torch.tensor([1.0, 1.0])).sum(), (c[:, 1] * torch.tensor([0.0, 2.0])).sum()])
+    s2 = torch.stack(
+        [(c[:, 0] * torch.tensor([1.0, 1.0])).sum(), (c[:, 1] * torch.tensor([0.0, 2.0])).sum()]
+    )
     v2 = s2 * s2.abs() / (1 + s2**2)
     out, coupling = route(votes, bias, num_iters=2)
     torch.testing.assert_close(out.view(2), v2)

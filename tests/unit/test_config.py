@@ -26,7 +26,9 @@ def test_precedence_defaults_yaml_overrides():
 
 
 def test_unknown_override_names_the_closest_key():
-    with pytest.raises(ConfigError, match=r"'model.routing_iter'.*did you mean 'model.routing_iters'"):
+    with pytest.raises(
+        ConfigError, match=r"'model.routing_iter'.*did you mean 'model.routing_iters'"
+    ):
         load_config(["configs/mnist.yaml"], ["model.routing_iter=2"])
 
 

@@ -67,7 +67,9 @@ def test_decoder_masks_by_label_in_training_and_prediction_in_eval():
 
 
 def test_two_target_model_reconstructs_each_digit():
-    cfg = load_config(["configs/debug_cpu.yaml"], ["model.num_targets=2", "model.image_shape=[36,36,1]"])
+    cfg = load_config(
+        ["configs/debug_cpu.yaml"], ["model.num_targets=2", "model.image_shape=[36,36,1]"]
+    )
     model = build_model(cfg.model)
     out = model(torch.rand(3, 1, 36, 36), torch.tensor([[1, 2], [3, 4], [5, 6]]))
     assert out.reconstruction.shape == (3, 2, 1, 36, 36)

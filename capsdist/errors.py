@@ -1,0 +1,5 @@
+"""The base of every error a user can fix: the CLI prints its one-line message and exits 2."""
+
+
+class UserError(Exception):
+    """Bad input (a key, a file, a shard, a checkpoint); the message names it and what to do."""

@@ -1,0 +1,95 @@
+"""Two ranks under torchrun and the deepspeed launcher (gloo, DeepSpeed on CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from capsdist.dist.env import free_port
+from tests.conftest import ROOT, CliResult, cli_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> CliResult:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "capsdist",
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_two_ranks_read_disjoint_shards_and_end_identical(mnist_sample, tmp_path):
+    run = tmp_path / "run"
+    out = torchrun(
+        "train",
+        "-c",
+        "configs/debug_cpu.yaml",
+        f"data.root={mnist_sample}",
+        f"run.dir={run}",
+        "train.max_steps=20",
+        "train.checkpoint_every=10",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = out.result
+    assert result["step"] == 20 and result["replicas_in_sync"] is True
+    plan = json.loads((run / "data_plan.json").read_text())["shards_by_rank"]
+    meta = json.loads((mnist_sample / "meta.json").read_text())
+    train_shards = sorted(name for name in meta["shards"] if name.startswith("train-"))
+    assert len(plan) == 2 and all(plan)
+    assert not set(plan[0]) & set(plan[1])
+    assert sorted(plan[0] + plan[1]) == train_shards
+    ds_config = json.loads((run / "deepspeed_config.json").read_text())
+    assert ds_config["train_batch_size"] == 32 and ds_config["train_micro_batch_size_per_gpu"] == 16
+
+
+def test_indivisible_global_batch_is_refused(mnist_sample, tmp_path):
+    out = torchrun(
+        "train",
+        "-c",
+        "configs/debug_cpu.yaml",
+        f"data.root={mnist_sample}",
+        f"run.dir={tmp_path / 'run'}",
+        "train.batch_size=33",
+    )
+    assert out.returncode != 0
+    assert "train.batch_size=33" in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_deepspeed_launcher_runs_two_cpu_ranks(mnist_sample, tmp_path):
+    run = tmp_path / "run"
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [
+        str(deepspeed),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "capsdist",
+        "train",
+        "-c",
+        "configs/debug_cpu.yaml",
+        f"data.root={mnist_sample}",
+        f"run.dir={run}",
+        "train.max_steps=10",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"step"')]
+    assert results and all(r["step"] == 10 and r["replicas_in_sync"] for r in results)
+    assert len(json.loads((run / "data_plan.json").read_text())["shards_by_rank"]) == 2

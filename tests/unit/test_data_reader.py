@@ -1,0 +1,177 @@
+"""ShardReader: splitting by rank, deterministic shuffles, resume, and errors naming the file."""
+
+import hashlib
+import itertools
+import json
+import shutil
+
+import pytest
+import torch
+
+from capsdist.data import DataError, ShardReader, read_meta
+from data_tools import make_synthetic_shards
+
+# 8 train shards of 25 (200 samples), 2 test shards of 25.
+N_TRAIN = 200
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    make_synthetic_shards(out, n_train=N_TRAIN, n_test=50, samples_per_shard=25, seed=0)
+    return out
+
+
+@pytest.fixture
+def copy(shards, tmp_path):
+    """A private copy of the shards that a test may damage."""
+    return shutil.copytree(shards, tmp_path / "copy")
+
+
+def digests(batches):
+    """sha1 of each image's bytes, in order: identifies samples without keys."""
+    return [hashlib.sha1(x.numpy().tobytes()).hexdigest() for xs, _ in batches for x in xs]
+
+
+def assert_same_batches(a, b):
+    a, b = list(a), list(b)
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def edit_meta(root, **changes):
+    meta = json.loads((root / "meta.json").read_text())
+    meta.update(changes)
+    (root / "meta.json").write_text(json.dumps(meta))
+
+
+def test_batches_shapes_types_and_counts(shards):
+    train = ShardReader(shards, "train", batch_size=16, shift_pixels=2)
+    batches = list(train.epoch(0))
+    assert train.batches_per_epoch == N_TRAIN // 16 == len(batches)  # drop_last
+    x, y = batches[0]
+    assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32
+    assert y.shape == (16,) and y.dtype == torch.int64
+    assert x.min() >= 0 and x.max() <= 1 and x.is_contiguous()
+    test = ShardReader(shards, "test", batch_size=16, train=False)
+    sizes = [len(y) for _, y in test.epoch(0)]
+    assert test.batches_per_epoch == len(sizes) and sizes == [16, 16, 16, 2]  # last kept
+
+
+def test_two_ranks_read_disjoint_halves_of_the_split(shards):
+    everything = digests(ShardReader(shards, "train", batch_size=10, train=False).epoch(0))
+    for train in (False, True):
+        readers = [
+            ShardReader(shards, "train", batch_size=10, rank=r, world_size=2, train=train)
+            for r in (0, 1)
+        ]
+        parts = [digests(reader.epoch(0)) for reader in readers]
+        assert not set(parts[0]) & set(parts[1])
+        assert sorted(parts[0] + parts[1]) == sorted(everything)
+
+
+def test_rank_without_shards_is_an_error(shards):
+    with pytest.raises(DataError, match="rank 9 gets none"):
+        ShardReader(shards, "test", batch_size=4, rank=9, world_size=10)
+
+
+def test_training_order_is_a_function_of_seed_rank_epoch(shards):
+    def reader(seed=0, shift=2):
+        return ShardReader(
+            shards,
+            "train",
+            batch_size=20,
+            seed=seed,
+            rank=1,
+            world_size=2,
+            shift_pixels=shift,
+            shuffle_buffer=50,
+        )
+
+    assert_same_batches(reader().epoch(1), reader().epoch(1))
+    epoch0, epoch1 = digests(reader(shift=0).epoch(0)), digests(reader(shift=0).epoch(1))
+    assert epoch0 != epoch1 and sorted(epoch0) == sorted(epoch1)  # same samples, new order
+    assert digests(reader(seed=1, shift=0).epoch(0)) != epoch0
+    assert digests(reader().epoch(0)) != epoch0  # shifted
+
+
+def test_eval_order_is_fixed_and_unshifted(shards):
+    def reader():
+        return ShardReader(shards, "train", batch_size=20, train=False, shift_pixels=2)
+
+    assert_same_batches(reader().epoch(0), reader().epoch(3))
+    labels = torch.cat([y for _, y in reader().epoch(0)])
+    first = ShardReader(shards, "train", batch_size=200, train=False, max_examples=30)
+    x, y = next(first.epoch(0))
+    assert first.num_examples == 30 and torch.equal(y, labels[:30])
+
+
+def test_resume_equals_the_tail_across_an_epoch_boundary(shards):
+    reader = ShardReader(shards, "train", batch_size=16, shift_pixels=2, shuffle_buffer=40)
+    per_epoch = reader.batches_per_epoch  # 12
+    for start in (5, per_epoch + 3):
+        expected = itertools.islice(reader.batches(0), start, start + per_epoch)
+        assert_same_batches(itertools.islice(reader.batches(start), per_epoch), expected)
+
+
+def test_dataloader_workers(shards):
+    reader = ShardReader(shards, "train", batch_size=10, num_workers=2, shift_pixels=1)
+    first = list(reader.epoch(0))
+    assert len(first) == reader.batches_per_epoch == N_TRAIN // 10
+    assert_same_batches(first, reader.epoch(0))
+    everything = digests(ShardReader(shards, "train", batch_size=10, train=False).epoch(0))
+    parallel = ShardReader(shards, "train", batch_size=10, train=False, num_workers=2)
+    assert sorted(digests(parallel.epoch(0))) == sorted(everything)
+
+
+def test_missing_meta_says_how_to_make_it(tmp_path):
+    with pytest.raises(DataError, match="meta.json.*capsdist data"):
+        read_meta(tmp_path)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("cut", ["half", "inside_data"])
+def test_truncated_shard_is_named(copy, num_workers, cut):
+    shard = copy / "train-000003.tar"
+    data = shard.read_bytes()
+    # Each sample: 512-byte header + 1024 bytes of pixels, 512-byte header + 512 of label.
+    end = len(data) // 2 if cut == "half" else 14 * 2560 + 512 + 100
+    shard.write_bytes(data[:end])
+    reader = ShardReader(copy, "train", batch_size=10, num_workers=num_workers)
+    with pytest.raises(DataError) as info:
+        list(reader.epoch(0))
+    message = str(info.value)
+    assert message.startswith(f"{shard}: ") and "\n" not in message
+    if cut == "inside_data":
+        assert message.endswith("unreadable or truncated shard (unexpected end of data)")
+
+
+def test_shard_cut_between_samples_is_named(copy):
+    # A tar cut at a member boundary still parses; the count in meta.json catches it.
+    shard = copy / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: 10 * 2560])  # 10 whole samples (2 members each)
+    with pytest.raises(DataError, match="train-000001.tar: holds 10 samples, meta.json says 25"):
+        list(ShardReader(copy, "train", batch_size=10, train=False).epoch(0))
+
+
+def test_image_size_must_match_meta(copy):
+    edit_meta(copy, image_shape=[28, 27, 1])
+    with pytest.raises(
+        DataError, match=r"train-000000.tar: sample train_00000000: img.u8 holds 784"
+    ):
+        list(ShardReader(copy, "train", batch_size=10, train=False).epoch(0))
+
+
+def test_label_out_of_range_is_named(copy):
+    edit_meta(copy, num_classes=1)  # every label > 0 is now out of range
+    with pytest.raises(
+        DataError, match=r"train-000000.tar: sample train_\d{8}: label\(s\) [1-9] do"
+    ):
+        list(ShardReader(copy, "train", batch_size=10, train=False).epoch(0))
+
+
+def test_missing_shard_is_named(copy):
+    (copy / "test-000001.tar").unlink()
+    with pytest.raises(DataError, match="test-000001.tar: shard listed in meta.json is missing"):
+        ShardReader(copy, "test", batch_size=10, train=False)
