@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "capsdist.train.command",
     "capsdist.eval.command",
     "capsdist.config.command",
+    "capsdist.bench.command",
 )
 
 

@@ -139,6 +139,9 @@ class TrainConfig:
     """Number of checkpoints kept in run.dir/checkpoints."""
     log_every: int = 10
     """Write a metrics.jsonl / W&B line every this many steps."""
+    eval_every: int = 0
+    """Evaluate on data.eval_split every this many steps (a multiple of log_every) and at the
+    end, on the main rank; 0 = off (use `capsdist validate` beside the run instead)."""
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "max_steps", "lr_decay_steps", "log_every", "keep_last"):
@@ -146,6 +149,11 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if self.micro_batch_size < 0:
             raise ConfigError(f"train.micro_batch_size must be >= 0, got {self.micro_batch_size}")
+        if self.eval_every < 0 or (self.eval_every and self.eval_every % self.log_every):
+            raise ConfigError(
+                f"train.eval_every={self.eval_every} must be 0 or a multiple of "
+                f"train.log_every={self.log_every}"
+            )
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
 

@@ -2,6 +2,6 @@
 
 from capsdist.data.augment import random_shift
 from capsdist.data.meta import DataError, read_meta
-from capsdist.data.reader import ShardReader
+from capsdist.data.reader import Batch, ShardReader
 
-__all__ = ["DataError", "ShardReader", "random_shift", "read_meta"]
+__all__ = ["Batch", "DataError", "ShardReader", "random_shift", "read_meta"]

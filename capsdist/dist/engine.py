@@ -43,6 +43,13 @@ def import_deepspeed():
     return deepspeed
 
 
+def device_for(env: DistEnv) -> torch.device:
+    """This rank's device: its local GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
 def init_process_group(env: DistEnv) -> None:
     """Join the job's process group (gloo on CPU, NCCL on GPU) before anything collective."""
     export_rendezvous(env)

@@ -54,27 +54,26 @@ def load_model(weights: Path, cfg: Config, device: torch.device) -> torch.nn.Mod
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    reader: ShardReader,
-    cfg: Config,
-    device: torch.device,
-    desc: str = "eval",
-) -> dict:
-    """Loss and accuracy (top-T classes = the T true classes) over the reader's split."""
+def evaluate(model: torch.nn.Module, reader: ShardReader, cfg: Config, desc: str = "eval") -> dict:
+    """Loss and accuracy (top-T classes = the T true classes) over the reader's split. The
+    model is put in eval mode (decoder masked by the prediction) and restored afterwards."""
+    was_training = model.training
+    model.eval()
     loss_sum = correct = examples = 0.0
     bar = ProgressBar(reader.batches_per_epoch, desc=desc, unit="batch")
     try:
-        for images, labels in reader.epoch(0):
-            images, labels = images.to(device), labels.to(device)
-            output = model(images)
-            loss, _ = compute_loss(output, labels, images, cfg.loss)
+        dtype = next(model.parameters()).dtype  # bf16 models take bf16 inputs
+        for images, labels, recon_targets in reader.epoch(0):
+            output = model(images.to(dtype))
+            targets = images if recon_targets is None else recon_targets
+            loss, _ = compute_loss(output, labels, targets, cfg.loss)
             loss_sum += float(loss) * images.shape[0]
             correct += int(num_correct(output, labels))
             examples += images.shape[0]
             bar.update(1, acc=f"{correct / examples:.4f}")
     finally:
         bar.close()
+        model.train(was_training)
     return {
         "accuracy": correct / max(examples, 1),
         "loss": loss_sum / max(examples, 1),
@@ -83,21 +82,27 @@ def evaluate(
     }
 
 
+def build_eval_reader(cfg: Config, device: torch.device) -> ShardReader:
+    """The whole evaluation split (or its first eval.max_examples), fixed order, on `device`."""
+    return ShardReader(
+        cfg.data.root,
+        cfg.data.eval_split,
+        batch_size=cfg.eval.batch_size,
+        train=False,
+        max_examples=cfg.eval.max_examples,
+        device=device,
+    )
+
+
 def run_eval(cfg: Config) -> dict:
     """Evaluate cfg.ckpt on cfg.data.eval_split; write eval.json beside the weights."""
     weights = resolve_weights(cfg.ckpt)
     read_meta(cfg.data.root)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(weights, cfg, device)
-    reader = ShardReader(
-        cfg.data.root,
-        cfg.data.eval_split,
-        batch_size=cfg.eval.batch_size,
-        train=False,
-        max_examples=cfg.eval.max_examples,
-    )
+    reader = build_eval_reader(cfg, device)
     result = {
-        **evaluate(model, reader, cfg, device),
+        **evaluate(model, reader, cfg),
         "checkpoint": str(weights),
         "split": cfg.data.eval_split,
     }

@@ -12,6 +12,8 @@ from typing import Protocol
 
 from tqdm import tqdm
 
+from capsdist.config.schema import WandbConfig
+
 
 class MetricSink(Protocol):
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
@@ -37,34 +39,27 @@ class JsonlSink:
 
 class WandbSink:
     """A W&B run (offline by default). Its id is kept in the run directory so that a restarted
-    job resumes the same W&B run instead of starting a new one."""
+    job resumes the same W&B run instead of starting a new one. Only the config is logged,
+    never the environment (which may hold WANDB_API_KEY)."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        mode: str,
-        project: str,
-        config: dict,
-        job_type: str,
-        group: str = "",
-        tags: list[str] | None = None,
-    ):
+    def __init__(self, run_dir: Path, cfg: WandbConfig, config: dict, job_type: str):
         import wandb
 
         id_file = run_dir / f"wandb_{job_type}_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
         os.environ.setdefault("WANDB_SILENT", "true")
         self._run = wandb.init(
-            project=project,
-            mode=mode,
+            project=cfg.project,
+            mode=cfg.mode,
             dir=str(run_dir),
             id=run_id,
             resume="allow",
             config=config,
             job_type=job_type,
-            group=group or None,
-            tags=tags or None,
+            group=cfg.group or None,
+            tags=cfg.tags or None,
             name=f"{run_dir.name}-{job_type}",
         )
 

@@ -1,7 +1,7 @@
 """`capsdist train`: the one training loop every launcher runs.
 
-Setup in a fixed order (checks → dist → data → model → engine → resume → loop); the loop fits on
-one screen; logger, checkpointer and process group are closed in `finally`.
+Setup in a fixed order (checks → dist → data → model → engine → resume → sinks → loop); the
+loop fits on one screen; sinks and the process group are closed in `finally`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,55 +19,60 @@ import torch.distributed as dist
 from capsdist.config import Config, config_to_yaml, save_config
 from capsdist.config.schema import ConfigError
 from capsdist.data import ShardReader, read_meta
+from capsdist.data.checks import check_data_matches_model
 from capsdist.dist import DistEnv, batch_layout, build_deepspeed_config
-from capsdist.dist.engine import build_engine, init_process_group
+from capsdist.dist.engine import build_engine, device_for, init_process_group
 from capsdist.errors import UserError
+from capsdist.eval.evaluate import build_eval_reader, evaluate
 from capsdist.files import write_json_atomic
 from capsdist.models import build_model
-from capsdist.track import JsonlSink, ProgressBar, WandbSink
+from capsdist.track import JsonlSink, MetricSink, ProgressBar, WandbSink
 from capsdist.train.checkpoint import check_same_model, load_latest, save_checkpoint
 from capsdist.train.export import export_weights
 from capsdist.train.step import WindowStats, any_rank, replica_report, train_step
+
+# Called on the main rank with (step, metrics, model) after every log line: Ray Tune reports
+# this way, and figures are drawn from the live model.
+Callback = Callable[[int, dict[str, float], torch.nn.Module], None]
 
 
 class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN/inf; nothing was saved from the broken state."""
 
 
-def check_data_matches_model(meta: dict, cfg: Config) -> None:
-    """The shards must be what the model expects; say which key disagrees."""
-    root = cfg.data.root
-    if meta.get("dataset") != cfg.data.dataset:
-        raise ConfigError(
-            f"data.dataset={cfg.data.dataset!r} but {root}/meta.json holds {meta.get('dataset')!r}"
-        )
-    expected = {
-        "num_classes": cfg.model.num_classes,
-        "num_targets": cfg.model.num_targets,
-        "image_shape": list(cfg.model.image_shape),
-    }
-    for key, want in expected.items():
-        have = meta.get(key)
-        if have is not None and have != want:
-            raise ConfigError(f"model.{key}={want} but {root}/meta.json has {key}={have}")
+@dataclass
+class Trainer:
+    """What the loop needs, built once by `run_training`."""
+
+    cfg: Config
+    env: DistEnv
+    engine: object  # deepspeed.DeepSpeedEngine
+    reader: ShardReader
+    eval_reader: ShardReader | None
+    accumulation: int
+    sinks: list[MetricSink] = field(default_factory=list)
+    callbacks: Sequence[Callback] = ()
+    bar: ProgressBar | None = None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.cfg.run.dir) / "checkpoints"
 
 
-def run_training(cfg: Config) -> dict:
+def run_training(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
     """Train `cfg` to train.max_steps (or train.time_limit_s) and export the weights."""
     env = DistEnv.from_environ()
     run_dir = Path(cfg.run.dir)
-    ckpt_dir = run_dir / "checkpoints"
     if not cfg.data.root:
         raise ConfigError("data.root is not set: point it at shards from `capsdist data ...`")
-    meta = read_meta(cfg.data.root)
-    check_data_matches_model(meta, cfg)
-    check_same_model(ckpt_dir, cfg.model)  # before anything in run.dir is written
+    check_data_matches_model(read_meta(cfg.data.root), cfg)
+    check_same_model(run_dir / "checkpoints", cfg.model)  # before anything in run.dir is written
     micro_batch, accumulation = batch_layout(cfg, env.world_size)
 
     init_process_group(env)
-    sinks, bar = [], None
+    trainer = None
     try:
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        device = device_for(env)
         reader = ShardReader(
             cfg.data.root,
             cfg.data.train_split,
@@ -78,32 +84,26 @@ def run_training(cfg: Config) -> dict:
             shift_pixels=cfg.data.shift_pixels,
             shuffle_buffer=cfg.data.shuffle_buffer,
             num_workers=cfg.data.num_workers,
+            device=device,
         )
+        eval_reader = build_eval_reader(cfg, device) if cfg.train.eval_every else None
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         engine = build_engine(build_model(cfg.model), cfg, env)
-        resumed = load_latest(engine, ckpt_dir)
+        resumed = load_latest(engine, run_dir / "checkpoints")
         start_step = resumed[0] if resumed else 0
+        trainer = Trainer(cfg, env, engine, reader, eval_reader, accumulation, callbacks=callbacks)
         if env.is_main:
             save_config(cfg, run_dir / "config.yaml")
-            write_json_atomic(
-                run_dir / "deepspeed_config.json", build_deepspeed_config(cfg, env.world_size)
-            )
+            ds_config = build_deepspeed_config(cfg, env.world_size)
+            write_json_atomic(run_dir / "deepspeed_config.json", ds_config)
             if resumed:
-                print(f"resumed from {ckpt_dir} at step {start_step}", flush=True)
-            sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
+                print(f"resumed from {trainer.ckpt_dir} at step {start_step}", flush=True)
+            trainer.sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
             if cfg.wandb.mode != "disabled":
-                sinks.append(
-                    WandbSink(
-                        run_dir,
-                        cfg.wandb.mode,
-                        cfg.wandb.project,
-                        asdict(cfg),
-                        "train",
-                        cfg.wandb.group,
-                        cfg.wandb.tags,
-                    )
-                )
-            bar = ProgressBar(cfg.train.max_steps, initial=start_step)
-        result = _loop(cfg, env, engine, reader, start_step, accumulation, sinks, bar, ckpt_dir)
+                config_dict = {**asdict(cfg), "deepspeed": ds_config}
+                trainer.sinks.append(WandbSink(run_dir, cfg.wandb, config_dict, job_type="train"))
+            trainer.bar = ProgressBar(cfg.train.max_steps, initial=start_step)
+        result = train_loop(trainer, start_step)
         in_sync, shards_by_rank = replica_report(engine.module, reader.shards)
         result["replicas_in_sync"] = in_sync
         if env.is_main:
@@ -112,77 +112,98 @@ def run_training(cfg: Config) -> dict:
             write_json_atomic(run_dir / "train.json", result)
         return result
     finally:
-        if bar:
-            bar.close()
-        for sink in sinks:
+        if trainer and trainer.bar:
+            trainer.bar.close()
+        for sink in trainer.sinks if trainer else []:
             sink.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _loop(cfg, env, engine, reader, start_step, accumulation, sinks, bar, ckpt_dir) -> dict:
-    batches = reader.batches(start=start_step * accumulation)
+def train_loop(t: Trainer, start_step: int) -> dict:
+    """Steps from `start_step` to train.max_steps; stops early (cleanly) at train.time_limit_s."""
+    cfg, engine = t.cfg, t.engine
+    batches = t.reader.batches(start=start_step * t.accumulation)
     window = WindowStats()
     started = time.monotonic()
-    loss = accuracy = float("nan")
-    images_per_s = 0.0
+    metrics: dict[str, float] = {}
     step = start_step
-
-    def checkpoint(at_step: int) -> None:
-        save_checkpoint(
-            engine, ckpt_dir, at_step, {"step": at_step}, cfg.model, env, cfg.train.keep_last
-        )
-
     while step < cfg.train.max_steps:
-        for _ in range(accumulation):
-            images, labels = next(batches)
-            micro_loss, correct = train_step(engine, images, labels, cfg.loss)
-            window.add(micro_loss, correct, images.shape[0])
+        for _ in range(t.accumulation):
+            batch = next(batches)
+            loss, correct = train_step(engine, batch, cfg.loss)
+            window.add(loss, correct, batch.images.shape[0])
         step += 1
-        if any_rank(not math.isfinite(float(micro_loss))):
+        if any_rank(not math.isfinite(float(loss))):
             raise NonFiniteLossError(
-                f"loss is {float(micro_loss)} at step {step}; the last good checkpoint in "
-                f"{ckpt_dir} is kept: lower train.lr or use ds.precision=fp32/bf16, then rerun"
+                f"loss is {float(loss)} at step {step}; the last good checkpoint in "
+                f"{t.ckpt_dir} is kept: lower train.lr or use ds.precision=fp32/bf16, then rerun"
             )
         elapsed = time.monotonic() - started
         images_per_s = (step - start_step) * cfg.train.batch_size / max(elapsed, 1e-9)
         out_of_time = cfg.train.time_limit_s > 0 and elapsed >= cfg.train.time_limit_s
         last = step == cfg.train.max_steps or any_rank(out_of_time)
         if step % cfg.train.log_every == 0 or last:
-            loss, accuracy = window.reduce()
+            loss_mean, accuracy = window.reduce()
             metrics = {
-                "loss": loss,
+                "loss": loss_mean,
                 "train_accuracy": accuracy,
                 "images_per_s": images_per_s,
                 "lr": engine.get_lr()[0],
             }
-            for sink in sinks:
-                sink.log(step, metrics)
-        if bar:
-            bar.update(
+            if t.eval_reader and (step % cfg.train.eval_every == 0 or last):
+                metrics.update(evaluate_on_main(t))
+            if t.env.is_main:
+                for sink in t.sinks:
+                    sink.log(step, metrics)
+                for callback in t.callbacks:
+                    callback(step, metrics, engine.module)
+        if t.bar:
+            t.bar.update(
                 1,
-                loss=f"{float(micro_loss):.4f}",
-                acc=f"{accuracy:.3f}",
+                loss=f"{float(loss):.4f}",
+                acc=f"{metrics.get('train_accuracy', float('nan')):.3f}",
                 img_s=f"{images_per_s:.0f}",
             )
-        if last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
-            checkpoint(step)
+        every = cfg.train.checkpoint_every
+        if last or (every and step % every == 0):
+            save_checkpoint(
+                engine, t.ckpt_dir, step, {"step": step}, cfg.model, t.env, cfg.train.keep_last
+            )
         if last:
             break
     if step == start_step:  # resumed a run that had already finished
-        loss, accuracy = _previous_result(Path(cfg.run.dir))
+        return _previous_result(Path(cfg.run.dir))
     return {
         "step": step,
-        "loss": loss,
-        "train_accuracy": accuracy,
-        "images_per_s": images_per_s,
+        "loss": metrics["loss"],
+        "train_accuracy": metrics["train_accuracy"],
+        "images_per_s": metrics["images_per_s"],
         "run_dir": str(cfg.run.dir),
+        **{k: v for k, v in metrics.items() if k.startswith("eval_")},
     }
 
 
-def _previous_result(run_dir: Path) -> tuple[float, float]:
+def evaluate_on_main(t: Trainer) -> dict[str, float]:
+    """Evaluate the live model on the main rank; the others wait at the barrier."""
+    scores = {}
+    if t.env.is_main:
+        result = evaluate(t.engine.module, t.eval_reader, t.cfg, desc="validate")
+        scores = {"eval_accuracy": result["accuracy"], "eval_loss": result["loss"]}
+    if dist.is_initialized():
+        dist.barrier()
+    return scores
+
+
+def _previous_result(run_dir: Path) -> dict:
     path = run_dir / "train.json"
-    if not path.exists():
-        return float("nan"), float("nan")
-    previous = json.loads(path.read_text())
-    return previous["loss"], previous["train_accuracy"]
+    if path.exists():
+        return json.loads(path.read_text())
+    nan = float("nan")
+    return {
+        "step": 0,
+        "loss": nan,
+        "train_accuracy": nan,
+        "images_per_s": 0.0,
+        "run_dir": str(run_dir),
+    }

@@ -9,21 +9,23 @@ import torch
 import torch.distributed as dist
 
 from capsdist.config.schema import LossConfig
+from capsdist.data import Batch
 from capsdist.models import compute_loss, num_correct
 
 
-def train_step(engine, images: torch.Tensor, labels: torch.Tensor, loss_cfg: LossConfig):
+def train_step(engine, batch: Batch, loss_cfg: LossConfig):
     """Forward, loss, backward and (at an accumulation boundary) the optimizer step.
 
-    Returns (loss, number of correct examples) for this micro-batch, both detached.
+    `batch` is on the engine's device already. Returns (loss, number of correct examples) for
+    this micro-batch, both detached.
     """
-    device = engine.device
-    images = images.to(device, non_blocking=True)
-    labels = labels.to(device, non_blocking=True)
+    images, labels = batch.images, batch.labels
     inputs = images.to(next(engine.module.parameters()).dtype)  # bf16 engines take bf16 inputs
     output = engine(inputs, labels)
-    # The decoder reproduces the (shifted) input as fed, in fp32 pixels [0, 1].
-    loss, _ = compute_loss(output, labels, images, loss_cfg)
+    # The decoder reproduces the (shifted) input as fed, in fp32 pixels [0, 1], unless the
+    # data says otherwise (MultiMNIST: each source digit).
+    targets = images if batch.recon_targets is None else batch.recon_targets
+    loss, _ = compute_loss(output, labels, targets, loss_cfg)
     engine.backward(loss)
     engine.step()
     return loss.detach(), num_correct(output, labels)

@@ -91,3 +91,27 @@ def test_wandb_offline_run_is_written_and_resumed_with_the_same_id(mnist_sample,
     run_id = (run / "wandb_train_id.txt").read_text().strip()
     offline_runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(p.name.endswith(run_id) for p in offline_runs)
+
+
+def test_periodic_evaluation_and_callbacks_in_process(mnist_sample, tmp_path):
+    """The Python API the sweeps use: run_training with callbacks, evaluating as it goes."""
+    from capsdist.config import load_config
+    from capsdist.train import run_training
+
+    cfg = load_config(
+        ["configs/debug_cpu.yaml"],
+        [
+            f"data.root={mnist_sample}",
+            f"run.dir={tmp_path / 'run'}",
+            "train.max_steps=20",
+            "train.eval_every=10",
+            "eval.max_examples=200",
+        ],
+    )
+    seen = []
+    result = run_training(cfg, callbacks=[lambda step, m, model: seen.append((step, dict(m)))])
+    assert [step for step, _ in seen] == [10, 20]
+    assert all(0.0 <= m["eval_accuracy"] <= 1.0 and m["eval_loss"] > 0 for _, m in seen)
+    assert result["eval_accuracy"] == seen[-1][1]["eval_accuracy"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert sum("eval_accuracy" in line for line in lines) == 2

@@ -38,7 +38,7 @@ def write_mnist(src, rng, n_train=50, n_test=20, gz=False):
 def read_all(root, split, batch_size=7):
     """Every sample of a split in file order, via the eval reader → uint8 (N, H, W), labels."""
     reader = ShardReader(root, split, batch_size=batch_size, train=False)
-    images, labels = zip(*reader.epoch(0), strict=True)
+    images, labels, _ = zip(*reader.epoch(0), strict=True)
     pixels = torch.cat(images).mul(255).round().to(torch.uint8)[:, 0]  # (N, H, W)
     return pixels.numpy(), torch.cat(labels).numpy()
 

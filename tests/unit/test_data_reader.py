@@ -30,13 +30,13 @@ def copy(shards, tmp_path):
 
 def digests(batches):
     """sha1 of each image's bytes, in order: identifies samples without keys."""
-    return [hashlib.sha1(x.numpy().tobytes()).hexdigest() for xs, _ in batches for x in xs]
+    return [hashlib.sha1(x.numpy().tobytes()).hexdigest() for xs, _, _ in batches for x in xs]
 
 
 def assert_same_batches(a, b):
     a, b = list(a), list(b)
     assert len(a) == len(b)
-    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+    for (xa, ya, _), (xb, yb, _) in zip(a, b, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
@@ -50,12 +50,13 @@ def test_batches_shapes_types_and_counts(shards):
     train = ShardReader(shards, "train", batch_size=16, shift_pixels=2)
     batches = list(train.epoch(0))
     assert train.batches_per_epoch == N_TRAIN // 16 == len(batches)  # drop_last
-    x, y = batches[0]
+    x, y, recon_targets = batches[0]
+    assert recon_targets is None  # one target: the decoder reproduces the input
     assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32
     assert y.shape == (16,) and y.dtype == torch.int64
     assert x.min() >= 0 and x.max() <= 1 and x.is_contiguous()
     test = ShardReader(shards, "test", batch_size=16, train=False)
-    sizes = [len(y) for _, y in test.epoch(0)]
+    sizes = [len(y) for _, y, _ in test.epoch(0)]
     assert test.batches_per_epoch == len(sizes) and sizes == [16, 16, 16, 2]  # last kept
 
 
@@ -101,9 +102,9 @@ def test_eval_order_is_fixed_and_unshifted(shards):
         return ShardReader(shards, "train", batch_size=20, train=False, shift_pixels=2)
 
     assert_same_batches(reader().epoch(0), reader().epoch(3))
-    labels = torch.cat([y for _, y in reader().epoch(0)])
+    labels = torch.cat([y for _, y, _ in reader().epoch(0)])
     first = ShardReader(shards, "train", batch_size=200, train=False, max_examples=30)
-    x, y = next(first.epoch(0))
+    x, y, _ = next(first.epoch(0))
     assert first.num_examples == 30 and torch.equal(y, labels[:30])
 
 

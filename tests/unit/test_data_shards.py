@@ -34,7 +34,7 @@ def test_mnist_sample_is_4000_1000_stratified(sample_dir):
     # ... and the shards agree with meta.json.
     for split, per_class in (("train", 400), ("test", 100)):
         reader = ShardReader(sample_dir, split, batch_size=500, train=False)
-        labels = torch.cat([y for _, y in reader.epoch(0)])
+        labels = torch.cat([y for _, y, _ in reader.epoch(0)])
         assert torch.bincount(labels, minlength=10).tolist() == [per_class] * 10
 
 
@@ -44,7 +44,7 @@ def test_mnist_sample_splits_partition_the_5k_digits(sample_dir):
     seen = []
     for split in ("train", "test"):
         reader = ShardReader(sample_dir, split, batch_size=1000, train=False)
-        for x, _ in reader.epoch(0):
+        for x, _, _ in reader.epoch(0):
             pixels = x.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
             seen += [hashlib.sha1(p.tobytes()).hexdigest() for p in pixels]
     assert sorted(seen) == source
@@ -84,7 +84,7 @@ def test_meta_matches_the_files(tmp_path):
     }
     # mean/std are those of the train split's pixels / 255.
     reader = ShardReader(tmp_path, "train", batch_size=50, train=False)
-    x = torch.cat([x for x, _ in reader.epoch(0)]).double()
+    x = torch.cat([x for x, _, _ in reader.epoch(0)]).double()
     assert meta["mean"] == pytest.approx([x.mean().item()], abs=1e-6)
     assert meta["std"] == pytest.approx([x.std(unbiased=False).item()], abs=1e-6)
 
@@ -120,7 +120,7 @@ def test_two_target_synthetic_labels(tmp_path):
     with tarfile.open(tmp_path / "train-000000.tar") as tar:
         cls = tar.extractfile("train_00000000.cls").read()
     assert len(cls.split(b",")) == 2
-    x, y = next(iter(ShardReader(tmp_path, "train", batch_size=8).epoch(0)))
+    x, y, _ = next(iter(ShardReader(tmp_path, "train", batch_size=8).epoch(0)))
     assert x.shape == (8, 1, 28, 28) and y.shape == (8, 2) and y.dtype == torch.int64
     assert bool((y[:, 0] != y[:, 1]).all())
 

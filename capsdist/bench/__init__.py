@@ -1,0 +1,1 @@
+"""Benchmarks: model step throughput and data reader throughput (`capsdist bench ...`)."""
