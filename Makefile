@@ -6,7 +6,7 @@ SAMPLE    ?= data/mnist_sample
 DEMO_RUN  ?= runs/mnist_sample
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean launch
 
 install: $(VENV)/.installed
 
@@ -38,3 +38,8 @@ format: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Start training with any launcher; settings from the environment (see launch/launch.sh and
+# docs/launch.md), e.g. NPROC=2 CONFIG=configs/debug_cpu.yaml ARGS="data.root=..." make launch
+launch: install
+	bash launch/launch.sh

@@ -29,16 +29,19 @@ class CliResult:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any rank variables, W&B off, one thread per process."""
     env = {
-        **os.environ,
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    return {
+        **env,
         "WANDB_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
         "OMP_NUM_THREADS": "1",
         **extra,
     }
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 def run_capsdist(*args: str, timeout: float = 300, **env: str) -> CliResult:

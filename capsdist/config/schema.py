@@ -32,12 +32,34 @@ class DataConfig:
     """Samples held in the in-memory shuffle buffer of each reader."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 reads in the training process)."""
+    flip: bool = False
+    """Random left-right flips in training (the reference's CIFAR-10)."""
+    brightness: float = 0.0
+    """Random training brightness delta, ±this on the 0-255 scale (reference CIFAR-10: 63)."""
+    contrast: list[float] = field(default_factory=list)
+    """Random training contrast factor range [low, high] (reference: [0.2, 1.8]); [] = off.
+    Images larger than model.image_shape are cropped to it: randomly in training, centred at
+    evaluation (CIFAR-10 32x32 → 24x24, smallNORB 48x48 → 32x32)."""
+    standardize: bool = False
+    """Per-image standardisation (mean 0, std 1), in training and evaluation (CIFAR-10, NORB)."""
+    on_error: str = "raise"
+    """A bad sample or damaged shard: `raise` (error naming shard + sample key) or `skip` (leave
+    it out, count it as `data_skipped` in the metrics)."""
+    extra_eval_roots: list[str] = field(default_factory=list)
+    """More data sets (shard folders) that `capsdist eval` also evaluates on, each reported
+    under its folder name (affNIST: the expanded-MNIST test split + affNIST)."""
 
     def __post_init__(self) -> None:
         if self.shift_pixels < 0:
             raise ConfigError(f"data.shift_pixels must be >= 0, got {self.shift_pixels}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.on_error not in ("raise", "skip"):
+            raise ConfigError(f"data.on_error must be raise or skip, got {self.on_error!r}")
+        if self.brightness < 0:
+            raise ConfigError(f"data.brightness must be >= 0, got {self.brightness}")
+        if self.contrast and (len(self.contrast) != 2 or not 0 <= self.contrast[0] <= self.contrast[1]):
+            raise ConfigError(f"data.contrast must be [] or [low, high], got {self.contrast}")
 
 
 @dataclass
@@ -74,6 +96,11 @@ class ModelConfig:
     """Reconstruction decoder and its loss (the reference's `remake`)."""
     decoder_hidden: list[int] = field(default_factory=lambda: [512, 1024])
     """Hidden widths of the reconstruction decoder."""
+    compile: bool = False
+    """Run the CapsNet forward through torch.compile; falls back to eager (with a warning)
+    where compiling fails. Weights and checkpoints are unchanged."""
+    channels_last: bool = False
+    """Feed the convolutions channels_last tensors (helps on GPUs; measured no gain on CPU)."""
 
     def __post_init__(self) -> None:
         if self.name not in ("capsnet", "baseline", "baseline_paper"):
@@ -167,6 +194,14 @@ class EvalConfig:
 
 
 @dataclass
+class ValidateConfig:
+    poll_s: float = 60.0
+    """`capsdist validate`: seconds between looks for a new checkpoint (the reference's 60)."""
+    timeout_s: float = 6 * 3600.0
+    """`capsdist validate` gives up after this long without a new checkpoint (reference: 6 h)."""
+
+
+@dataclass
 class RunConfig:
     dir: str = ""
     """Run directory (config, checkpoints, metrics, weights); empty = runs/<first config's name>."""
@@ -211,6 +246,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     run: RunConfig = field(default_factory=RunConfig)
     ds: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)

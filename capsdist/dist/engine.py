@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from capsdist.config.schema import Config, ConfigError, TrainConfig
 from capsdist.dist.deepspeed_config import build_deepspeed_config
@@ -55,7 +57,27 @@ def init_process_group(env: DistEnv) -> None:
     export_rendezvous(env)
     deepspeed = import_deepspeed()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ and env.world_size > 1:
+        _init_elastic_process_group(env, backend)  # DeepSpeed then wraps the existing group
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def _init_elastic_process_group(env: DistEnv, backend: str) -> None:
+    """Under torchrun, workers restarted after a crash reuse the agent's TCPStore, whose keys
+    still hold the dead workers' addresses: gloo then connects to them and fails ("Connection
+    refused", measured with torch 2.13). A prefix per restart round gives every round fresh keys.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        env.world_size,
+        is_master=env.rank == 0 and not agent_store,
+        timeout=timedelta(minutes=10),
+    )
+    restart = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    prefixed = dist.PrefixStore(f"capsdist/restart{restart}", store)
+    dist.init_process_group(backend, store=prefixed, rank=env.rank, world_size=env.world_size)
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, env: DistEnv):

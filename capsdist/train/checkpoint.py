@@ -1,7 +1,10 @@
 """DeepSpeed checkpoints in run.dir/checkpoints; a crash never loses the last good one.
 
-Layout: checkpoints/step000001500/ (DeepSpeed's files + capsdist.json, written LAST, which marks
-the checkpoint complete) and checkpoints/latest (the newest complete tag, replaced atomically).
+Layout: checkpoints/step000001500/ (DeepSpeed's files, model.safetensors with the consolidated
+fp32 weights, and capsdist.json, written LAST, which marks the checkpoint complete) and
+checkpoints/latest (the newest complete tag, replaced atomically). DeepSpeed reads its own files
+with pickle (weights_only=False): resume only from run directories you wrote yourself; `eval`
+and `validate` read the safetensors files only.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from capsdist.config import Config, config_to_yaml
 from capsdist.config.schema import ModelConfig
 from capsdist.dist.env import DistEnv
 from capsdist.errors import UserError
 from capsdist.files import write_json_atomic, write_text_atomic
+from capsdist.train.export import export_weights
 
 MARKER = "capsdist.json"
+WEIGHTS = "model.safetensors"  # consolidated fp32 weights of the checkpoint, for eval/validate
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -62,25 +68,39 @@ def check_same_model(ckpt_dir: Path, model_cfg: ModelConfig) -> None:
         )
 
 
-def save_checkpoint(
-    engine,
-    ckpt_dir: Path,
-    step: int,
-    client_state: dict,
-    model_cfg: ModelConfig,
-    env: DistEnv,
-    keep_last: int,
-) -> None:
-    """Save on every rank (ZeRO shards), then mark complete, point `latest` at it, prune."""
+def save_checkpoint(engine, ckpt_dir: Path, step: int, cfg: Config, env: DistEnv) -> Path:
+    """Save on every rank (ZeRO shards); then the main rank writes the consolidated fp32
+    weights, marks the checkpoint complete, points `latest` at it and prunes old ones.
+    Returns the checkpoint folder."""
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    folder = ckpt_dir / tag
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     dist.barrier()
     if env.is_main:
-        write_json_atomic(ckpt_dir / tag / MARKER, {"step": step, "model": asdict(model_cfg)})
+        export_weights(
+            consolidated_fp32_state(engine, ckpt_dir, tag, cfg),
+            config_to_yaml(cfg),
+            folder / WEIGHTS,
+        )
+        write_json_atomic(folder / MARKER, {"step": step, "model": asdict(cfg.model)})
         write_text_atomic(ckpt_dir / "latest", tag)
-        for _, old in complete_checkpoints(ckpt_dir)[:-keep_last]:
+        for _, old in complete_checkpoints(ckpt_dir)[: -cfg.train.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+    return folder
+
+
+def consolidated_fp32_state(engine, ckpt_dir: Path, tag: str, cfg: Config) -> dict:
+    """The full model in fp32. With ZeRO (or bf16/fp16) the fp32 master weights live sharded in
+    the optimizer states of every rank: DeepSpeed's zero_to_fp32 gathers them from the files
+    just written. Without either, the module's own fp32 parameters are the master weights."""
+    state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
+    if cfg.ds.zero_stage > 0 or cfg.ds.precision != "fp32":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        masters = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        state.update({k: v.float() for k, v in masters.items()})
+    return state
 
 
 def load_latest(engine, ckpt_dir: Path) -> tuple[int, dict] | None:

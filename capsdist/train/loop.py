@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from capsdist.config import Config, config_to_yaml, save_config
+from capsdist.config import Config, save_config
 from capsdist.config.schema import ConfigError
 from capsdist.data import ShardReader, read_meta
 from capsdist.data.checks import check_data_matches_model
@@ -27,8 +27,14 @@ from capsdist.eval.evaluate import build_eval_reader, evaluate
 from capsdist.files import write_json_atomic
 from capsdist.models import build_model
 from capsdist.track import JsonlSink, MetricSink, ProgressBar, WandbSink
-from capsdist.train.checkpoint import check_same_model, load_latest, save_checkpoint
-from capsdist.train.export import export_weights
+from capsdist.train.checkpoint import (
+    WEIGHTS,
+    check_same_model,
+    load_latest,
+    save_checkpoint,
+    tag_for,
+)
+from capsdist.train.export import copy_weights
 from capsdist.train.step import WindowStats, any_rank, replica_report, train_step
 
 # Called on the main rank with (step, metrics, model) after every log line: Ray Tune reports
@@ -98,6 +104,7 @@ def run_training(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
             write_json_atomic(run_dir / "deepspeed_config.json", ds_config)
             if resumed:
                 print(f"resumed from {trainer.ckpt_dir} at step {start_step}", flush=True)
+            write_status(run_dir, "running", start_step)
             trainer.sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
             if cfg.wandb.mode != "disabled":
                 config_dict = {**asdict(cfg), "deepspeed": ds_config}
@@ -108,8 +115,10 @@ def run_training(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
         result["replicas_in_sync"] = in_sync
         if env.is_main:
             write_json_atomic(run_dir / "data_plan.json", {"shards_by_rank": shards_by_rank})
-            export_weights(engine.module, config_to_yaml(cfg), run_dir / "model.safetensors")
+            final = trainer.ckpt_dir / tag_for(result["step"]) / WEIGHTS
+            copy_weights(final, run_dir / "model.safetensors")
             write_json_atomic(run_dir / "train.json", result)
+            write_status(run_dir, "finished", result["step"])
         return result
     finally:
         if trainer and trainer.bar:
@@ -167,9 +176,7 @@ def train_loop(t: Trainer, start_step: int) -> dict:
             )
         every = cfg.train.checkpoint_every
         if last or (every and step % every == 0):
-            save_checkpoint(
-                engine, t.ckpt_dir, step, {"step": step}, cfg.model, t.env, cfg.train.keep_last
-            )
+            save_checkpoint(engine, t.ckpt_dir, step, cfg, t.env)
         if last:
             break
     if step == start_step:  # resumed a run that had already finished
@@ -193,6 +200,11 @@ def evaluate_on_main(t: Trainer) -> dict[str, float]:
     if dist.is_initialized():
         dist.barrier()
     return scores
+
+
+def write_status(run_dir: Path, state: str, step: int) -> None:
+    """run.dir/status.json: `running` or `finished`; `capsdist validate` stops after finished."""
+    write_json_atomic(run_dir / "status.json", {"state": state, "step": step, "time": time.time()})
 
 
 def _previous_result(run_dir: Path) -> dict:

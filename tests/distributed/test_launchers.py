@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from capsdist.dist.env import free_port
 from tests.conftest import ROOT, CliResult, cli_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -68,28 +66,3 @@ def test_indivisible_global_batch_is_refused(mnist_sample, tmp_path):
     assert out.returncode != 0
     assert "train.batch_size=33" in out.stderr
     assert not (tmp_path / "run").exists()
-
-
-def test_deepspeed_launcher_runs_two_cpu_ranks(mnist_sample, tmp_path):
-    run = tmp_path / "run"
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [
-        str(deepspeed),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "capsdist",
-        "train",
-        "-c",
-        "configs/debug_cpu.yaml",
-        f"data.root={mnist_sample}",
-        f"run.dir={run}",
-        "train.max_steps=10",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"step"')]
-    assert results and all(r["step"] == 10 and r["replicas_in_sync"] for r in results)
-    assert len(json.loads((run / "data_plan.json").read_text())["shards_by_rank"]) == 2

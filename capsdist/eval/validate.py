@@ -1,0 +1,99 @@
+"""`capsdist validate`: follow a training run and evaluate each new checkpoint once.
+
+The reference's `--validate` job: poll the run's checkpoint folder, evaluate every complete
+checkpoint on the evaluation split, keep the best, and stop when training has finished (its
+status.json says so) or when no new checkpoint came for validate.timeout_s. It reads only the
+consolidated safetensors each checkpoint holds, so it needs no DeepSpeed and can run on another
+machine that sees the run directory. A restarted validator skips what it already evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from capsdist.config import Config
+from capsdist.eval.evaluate import build_eval_reader, evaluate, load_model
+from capsdist.files import write_json_atomic
+from capsdist.track import JsonlSink, WandbSink
+from capsdist.train.checkpoint import WEIGHTS, CheckpointError, complete_checkpoints
+from capsdist.train.export import copy_weights
+
+
+def _training_finished(run_dir: Path) -> bool:
+    status = run_dir / "status.json"
+    return status.exists() and json.loads(status.read_text()).get("state") == "finished"
+
+
+def run_validate(cfg: Config) -> dict:
+    run_dir = Path(cfg.run.dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run.dir {run_dir} does not exist: start training there first")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reader = build_eval_reader(cfg, device)
+    record_path = run_dir / "validation.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {"evaluated": {}}
+    sinks = [JsonlSink(run_dir / "metrics.jsonl")]
+    if cfg.wandb.mode != "disabled":
+        sinks.append(WandbSink(run_dir, cfg.wandb, asdict(cfg), job_type="validate"))
+    last_new = time.monotonic()
+    try:
+        while True:
+            finished = _training_finished(run_dir)  # read BEFORE listing: no final ckpt missed
+            pending = [
+                (step, folder)
+                for step, folder in complete_checkpoints(ckpt_dir)
+                if str(step) not in record["evaluated"]
+            ]
+            for step, folder in pending:
+                scores = _evaluate_checkpoint(folder, cfg, device, reader, step)
+                if scores is None:
+                    continue
+                record["evaluated"][str(step)] = scores
+                if scores["accuracy"] > record.get("best_accuracy", -1.0):
+                    copy_weights(folder / WEIGHTS, run_dir / "best.safetensors")
+                    record.update(best_step=step, best_accuracy=scores["accuracy"])
+                write_json_atomic(record_path, record)
+                metrics = {
+                    "val_accuracy": scores["accuracy"],
+                    "val_loss": scores["loss"],
+                    "val_best_accuracy": record["best_accuracy"],
+                }
+                for sink in sinks:
+                    sink.log(step, metrics)
+                last_new = time.monotonic()
+            if finished and not pending:
+                break
+            if time.monotonic() - last_new > cfg.validate.timeout_s:
+                waited = cfg.validate.timeout_s
+                warnings.warn(f"no new checkpoint in {ckpt_dir} for {waited:.0f} s", stacklevel=1)
+                break
+            time.sleep(cfg.validate.poll_s)
+    finally:
+        for sink in sinks:
+            sink.close()
+    if not record["evaluated"]:
+        raise CheckpointError(f"{ckpt_dir}: no complete checkpoint appeared to validate")
+    return {
+        "num_checkpoints": len(record["evaluated"]),
+        "best_step": record["best_step"],
+        "best_accuracy": record["best_accuracy"],
+        "finished": finished,
+        "run_dir": str(run_dir),
+    }
+
+
+def _evaluate_checkpoint(folder: Path, cfg: Config, device, reader, step: int) -> dict | None:
+    """Scores of one checkpoint, or None if training pruned it before we read it."""
+    try:
+        model = load_model(folder / WEIGHTS, cfg, device)
+    except (FileNotFoundError, ValueError) as err:
+        warnings.warn(f"skipping checkpoint {folder}: {err}", stacklevel=2)
+        return None
+    return evaluate(model, reader, cfg, desc=f"validate step {step}")
