@@ -4,6 +4,7 @@ PY        := $(VENV)/bin/python
 CAPSDIST  := $(VENV)/bin/capsdist
 SAMPLE    ?= data/mnist_sample
 DEMO_RUN  ?= runs/mnist_sample
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint format clean launch
@@ -22,7 +23,7 @@ $(SAMPLE)/meta.json: | install
 	$(CAPSDIST) data mnist-sample --out $(SAMPLE)
 
 demo: install $(SAMPLE)/meta.json
-	$(CAPSDIST) train -c configs/mnist_sample.yaml data.root=$(SAMPLE) run.dir=$(DEMO_RUN)
+	$(CAPSDIST) train -c configs/mnist_sample.yaml data.root=$(SAMPLE) run.dir=$(DEMO_RUN) $(DEMO_ARGS)
 	$(CAPSDIST) eval -c configs/mnist_sample.yaml data.root=$(SAMPLE) ckpt=$(DEMO_RUN)
 
 test: install

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
 
 from capsdist.errors import UserError
@@ -22,6 +23,9 @@ COMMAND_MODULES = (
     "capsdist.eval.command",
     "capsdist.config.command",
     "capsdist.bench.command",
+    "capsdist.tune.command",
+    "capsdist.eval.ensemble_command",
+    "capsdist.viz.command",
 )
 
 
@@ -58,5 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"capsdist {args.command}: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: _json_safe(v) for k, v in result.items()}), flush=True)
+    if os.environ.get("RANK", "0") == "0":  # one result line per job, not one per rank
+        print(json.dumps({k: _json_safe(v) for k, v in result.items()}), flush=True)
     return 0

@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from tests.conftest import ROOT, CliResult, cli_env
+from tests.conftest import ROOT, CliResult, cli_env, run_capsdist
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -66,3 +68,28 @@ def test_indivisible_global_batch_is_refused(mnist_sample, tmp_path):
     assert out.returncode != 0
     assert "train.batch_size=33" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_zero2_bf16_checkpoint_is_consolidated_into_fp32_master_weights(mnist_sample, tmp_path):
+    run = tmp_path / "run"
+    out = torchrun(
+        "train",
+        "-c",
+        "configs/debug_cpu.yaml",
+        f"data.root={mnist_sample}",
+        f"run.dir={run}",
+        "train.max_steps=10",
+        "ds.zero_stage=2",
+        "ds.precision=bf16",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((run / "deepspeed_config.json").read_text())["bf16"]["enabled"] is True
+    weights = load_file(run / "model.safetensors")
+    w = weights["classes.weight"]
+    assert w.dtype == torch.float32
+    # The optimizer's fp32 masters, gathered from both ranks' ZeRO shards: not bf16 values.
+    assert (w != w.bfloat16().float()).float().mean() > 0.5
+    scores = run_capsdist(
+        "eval", "-c", "configs/debug_cpu.yaml", f"data.root={mnist_sample}", f"ckpt={run}"
+    )
+    assert scores.returncode == 0 and scores.result["num_examples"] == 1000
