@@ -4,9 +4,25 @@ Each `make_*` function writes one data set into an output folder and returns a s
 `data_tools.cli.register` exposes them as `capsdist data ...`.
 """
 
+from data_tools.affnist import make_affnist, make_affnist_like
+from data_tools.cifar10 import make_cifar10
 from data_tools.errors import DataToolError
-from data_tools.mnist import make_mnist
+from data_tools.mnist import make_fashion_mnist, make_mnist
 from data_tools.mnist_sample import make_mnist_sample
+from data_tools.shift_tool import make_expanded_mnist, make_multimnist
+from data_tools.smallnorb import make_smallnorb
 from data_tools.synthetic import make_synthetic_shards
 
-__all__ = ["DataToolError", "make_mnist", "make_mnist_sample", "make_synthetic_shards"]
+__all__ = [
+    "DataToolError",
+    "make_affnist",
+    "make_affnist_like",
+    "make_cifar10",
+    "make_expanded_mnist",
+    "make_fashion_mnist",
+    "make_mnist",
+    "make_mnist_sample",
+    "make_multimnist",
+    "make_smallnorb",
+    "make_synthetic_shards",
+]

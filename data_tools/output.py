@@ -187,3 +187,103 @@ def _remove_stale_shards(out: Path, old_meta: dict | None, meta: dict) -> None:
     for name in old_meta["shards"]:
         if name not in meta["shards"] and "/" not in name and name.endswith(".tar"):
             (out / name).unlink(missing_ok=True)
+
+
+class StatsAccumulator:
+    """Per-channel mean/std of uint8 (N, H, W, C) chunks, accumulated in float64 (/ 255)."""
+
+    def __init__(self) -> None:
+        self.total = self.total_sq = None
+        self.count = 0
+
+    def add(self, images: np.ndarray) -> None:
+        x = images.reshape(-1, images.shape[-1]).astype(np.float64)
+        if self.total is None:
+            self.total, self.total_sq = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+        self.total += x.sum(0)
+        self.total_sq += np.square(x).sum(0)
+        self.count += x.shape[0]
+
+    def result(self) -> tuple[list[float], list[float]]:
+        mean = self.total / self.count
+        std = np.sqrt(np.maximum(self.total_sq / self.count - mean**2, 0.0))
+        return [round(float(m) / 255, 6) for m in mean], [round(float(s) / 255, 6) for s in std]
+
+
+def write_sample_stream(
+    out: str | Path,
+    *,
+    dataset: str,
+    fingerprint: str,
+    splits: dict[str, tuple[int, Any]],
+    num_classes: int,
+    samples_per_shard: int = 1000,
+    extra_meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write data too large for memory (MultiMNIST: 60 M pairs) chunk by chunk.
+
+    `splits` maps split name → (number of samples, a zero-argument callable returning an
+    iterator of chunks `(images uint8 (n, H, W, C), labels (n,) or (n, T), recon uint8
+    (n, T, H, W, C) or None)`). `fingerprint` must identify the content (source + parameters),
+    since it cannot be hashed before writing. Same guarantees as `write_array_dataset`.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    old_meta = claim_out_folder(out, dataset, fingerprint)
+    (out / META_NAME).unlink(missing_ok=True)
+    written: dict[str, list[ShardInfo]] = {}
+    counts: dict[str, np.ndarray] = {}
+    stats = StatsAccumulator()
+    shapes: dict[str, Any] = {}
+    total = sum(n for n, _ in splits.values())
+    bar = tqdm(
+        total=total, desc=f"{dataset} shards", unit="img", file=sys.stderr, disable=not progress
+    )
+    with bar:
+        for name, (expected, chunks) in splits.items():
+            counts[name] = np.zeros(num_classes, dtype=np.int64)
+            index = 0
+            with ShardWriter(out, name, samples_per_shard) as writer:
+                for images, labels, recon in chunks():
+                    shapes.setdefault("image_shape", list(images.shape[1:]))
+                    shapes.setdefault("num_targets", 1 if labels.ndim == 1 else labels.shape[1])
+                    if recon is not None:
+                        shapes.setdefault("recon_shape", list(recon.shape[1:]))
+                    if name == "train" or (name == next(iter(splits)) and "train" not in splits):
+                        stats.add(images)
+                    counts[name] += np.bincount(labels.ravel(), minlength=num_classes)
+                    for i in range(len(images)):
+                        fields = {"img.u8": images[i].tobytes(), "cls": encode_label(labels[i])}
+                        if recon is not None:
+                            fields["recon.u8"] = recon[i].tobytes()
+                        writer.write(f"{name}_{index:09d}", fields)
+                        index += 1
+                    bar.update(len(images))
+            if index != expected:
+                raise AssertionError(f"{name}: wrote {index} samples, planned {expected}")
+            written[name] = writer.shards
+    mean, std = stats.result()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        **(extra_meta or {}),
+        "splits": {name: n for name, (n, _) in splits.items()},
+        **shapes,
+        "num_classes": num_classes,
+        "mean": mean,
+        "std": std,
+        "label_counts": {name: c.tolist() for name, c in counts.items()},
+        "fingerprint": fingerprint,
+        "shards": {s.name: s.sha256 for shards in written.values() for s in shards},
+        "shard_sizes": {s.name: s.num_samples for shards in written.values() for s in shards},
+    }
+    write_meta(out, meta)
+    _remove_stale_shards(out, old_meta, meta)
+    return {
+        "dataset": dataset,
+        "out": str(out),
+        "splits": meta["splits"],
+        "num_shards": len(meta["shards"]),
+        "seconds": round(time.perf_counter() - started, 2),
+    }

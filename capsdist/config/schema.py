@@ -37,11 +37,11 @@ class DataConfig:
     brightness: float = 0.0
     """Random training brightness delta, ±this on the 0-255 scale (reference CIFAR-10: 63)."""
     contrast: list[float] = field(default_factory=list)
-    """Random training contrast factor range [low, high] (reference: [0.2, 1.8]); [] = off.
-    Images larger than model.image_shape are cropped to it: randomly in training, centred at
-    evaluation (CIFAR-10 32x32 → 24x24, smallNORB 48x48 → 32x32)."""
+    """Random training contrast factor range [low, high] (reference: [0.2, 1.8]); [] = off."""
     standardize: bool = False
-    """Per-image standardisation (mean 0, std 1), in training and evaluation (CIFAR-10, NORB)."""
+    """Per-image standardisation (mean 0, std 1), in training and evaluation (CIFAR-10, NORB).
+    (Images larger than model.image_shape are cropped to it: at random in training, centred at
+    evaluation: CIFAR-10 32x32 → 24x24, smallNORB 48x48 → 32x32.)"""
     on_error: str = "raise"
     """A bad sample or damaged shard: `raise` (error naming shard + sample key) or `skip` (leave
     it out, count it as `data_skipped` in the metrics)."""
@@ -58,7 +58,8 @@ class DataConfig:
             raise ConfigError(f"data.on_error must be raise or skip, got {self.on_error!r}")
         if self.brightness < 0:
             raise ConfigError(f"data.brightness must be >= 0, got {self.brightness}")
-        if self.contrast and (len(self.contrast) != 2 or not 0 <= self.contrast[0] <= self.contrast[1]):
+        low_high = len(self.contrast) == 2 and 0 <= self.contrast[0] <= self.contrast[1]
+        if self.contrast and not low_high:
             raise ConfigError(f"data.contrast must be [] or [low, high], got {self.contrast}")
 
 

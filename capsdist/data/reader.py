@@ -3,8 +3,14 @@
 Order of operations (DESIGN.md): shards of the split, sorted → split by node (`rank::world`) →
 split by DataLoader worker (`worker::workers`, fixed, so epoch lengths are too) → per epoch, a
 seeded shuffle of each worker's shard order → read + check + decode → seeded buffer shuffle →
-batch. Then, in the trainer process, float conversion and the random shift. Every random choice
-is seeded from (seed, rank, epoch[, worker or batch]), so a run and its resume see the same data.
+batch. Then, in the trainer process on its device, float conversion and augmentation. Every
+random choice is seeded from (seed, rank, epoch[, worker or batch]), so a run and its resume see
+the same data.
+
+Resampled shards: when a training split has fewer shards than ranks × workers, an even split
+would leave readers without data. Then every reader instead draws whole shards at random (with
+replacement, seeded by seed, rank, epoch, worker) until it has its fixed share of the split's
+samples: epochs keep one length on every rank, at the price of some samples seen twice.
 """
 
 from __future__ import annotations
@@ -19,18 +25,26 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from capsdist.data.augment import random_shift
+from capsdist.data.augment import Augmentation
 from capsdist.data.meta import DataError, read_meta, split_shards
-from capsdist.data.stream import ShardTask, batch, decode, mix_seed, read_shard, shuffle
-
-RawBatch = tuple[torch.Tensor, torch.Tensor]  # uint8 (B, H, W, C) images, int64 labels
+from capsdist.data.stream import (
+    RawBatch,
+    SampleFormat,
+    ShardTask,
+    Skips,
+    batch,
+    decode,
+    mix_seed,
+    read_shard,
+    shuffle,
+)
 
 
 class Batch(NamedTuple):
     """What the reader yields: ready for the model, on the reader's device."""
 
     images: torch.Tensor
-    """(B, C, H, W) float32 in [0, 1], augmented when training."""
+    """(B, C, H, W) float32 in [0, 1] (standardised if data.standardize), augmented in training."""
     labels: torch.Tensor
     """(B,) int64, or (B, T) for T targets."""
     recon_targets: torch.Tensor | None = None
@@ -42,15 +56,25 @@ class _EpochPlan:
     """Everything a worker needs to produce its batches of one epoch (picklable)."""
 
     worker_tasks: tuple[tuple[ShardTask, ...], ...]  # shards of each worker, in sorted order
-    image_shape: tuple[int, int, int]
-    num_classes: int
-    num_targets: int
+    resample_quota: tuple[int, ...] | None  # resampled: samples each worker draws
+    fmt: SampleFormat
     batch_size: int
     train: bool
     shuffle_buffer: int
     seed: int
     rank: int
     epoch: int
+
+
+def _resampled(pool: tuple[ShardTask, ...], quota: int, rng: random.Random) -> list[ShardTask]:
+    """Whole shards drawn with replacement until `quota` samples; the last one cut short."""
+    tasks = []
+    while quota > 0:
+        shard = pool[rng.randrange(len(pool))]
+        take = min(shard.limit, quota)
+        tasks.append(ShardTask(shard.path, shard.expected, take))
+        quota -= take
+    return tasks
 
 
 class _EpochStream(IterableDataset):
@@ -63,15 +87,19 @@ class _EpochStream(IterableDataset):
         plan = self.plan
         info = get_worker_info()
         worker = 0 if info is None else info.id
-        tasks = list(plan.worker_tasks[worker])
         rng = random.Random(mix_seed(plan.seed, plan.rank, plan.epoch, worker))
-        if plan.train:
-            rng.shuffle(tasks)
-        samples = (sample for task in tasks for sample in read_shard(task))
-        samples = decode(samples, math.prod(plan.image_shape), plan.num_classes, plan.num_targets)
+        if plan.resample_quota is not None:
+            tasks = _resampled(plan.worker_tasks[0], plan.resample_quota[worker], rng)
+        else:
+            tasks = list(plan.worker_tasks[worker])
+            if plan.train:
+                rng.shuffle(tasks)
+        skips = Skips(plan.fmt.on_error)
+        samples = (sample for task in tasks for sample in read_shard(task, skips))
+        samples = decode(samples, plan.fmt, skips)
         if plan.train and plan.shuffle_buffer > 1:
             samples = shuffle(samples, plan.shuffle_buffer, rng)
-        return batch(samples, plan.batch_size, plan.image_shape, drop_last=plan.train)
+        return batch(samples, plan.batch_size, plan.fmt, drop_last=plan.train, skips=skips)
 
 
 def _from_workers(loader: DataLoader) -> Iterator[RawBatch]:
@@ -101,13 +129,15 @@ def _from_workers(loader: DataLoader) -> Iterator[RawBatch]:
 
 
 class ShardReader:
-    """Batches of one split for one rank: images float32 (B, C, H, W) in [0, 1], labels int64.
+    """Batches of one split for one rank: images float32 (B, C, H, W), labels int64.
 
     Labels are (B,) for one target and (B, 2) for two. With `train=True`: each epoch shuffles
-    shard order and samples (buffer of `shuffle_buffer`), shifts images by ±`shift_pixels` and
-    drops the last partial batch, all deterministic in (seed, rank, epoch) for a given
-    `num_workers`. With `train=False`: fixed order, no augmentation, last batch kept.
-    `max_examples > 0` keeps only the first `max_examples` samples of this rank's shards.
+    shard order and samples (buffer of `shuffle_buffer`), augments (`augment`, by default a
+    ±`shift_pixels` shift) and drops the last partial batch, all deterministic in (seed, rank,
+    epoch) for a given `num_workers`. With `train=False`: fixed order, only the deterministic
+    part of `augment` (centre crop, standardisation), last batch kept. `max_examples > 0` keeps
+    only the first `max_examples` samples of this rank's shards. `on_error="skip"` leaves bad
+    samples out and counts them in `num_skipped` instead of raising DataError.
     """
 
     def __init__(
@@ -125,6 +155,8 @@ class ShardReader:
         num_workers: int = 0,
         max_examples: int = 0,
         device: torch.device | str = "cpu",
+        augment: Augmentation | None = None,
+        on_error: str = "raise",
     ):
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
@@ -138,37 +170,72 @@ class ShardReader:
         self.meta = read_meta(self.root)
         self.batch_size = batch_size
         self.rank, self.world_size, self.seed, self.train = rank, world_size, seed, train
-        self.shift_pixels = shift_pixels if train else 0
+        self.augment = augment if augment is not None else Augmentation(shift_pixels=shift_pixels)
         self.image_shape = tuple(self.meta["image_shape"])
         self.device = torch.device(device)
+        self.num_skipped = 0
+        """Samples left out so far under on_error=skip (all epochs read by this reader)."""
+        recon_shape = self.meta.get("recon_shape")
+        self._fmt = SampleFormat(
+            self.image_shape,
+            self.meta["num_classes"],
+            self.meta["num_targets"],
+            tuple(recon_shape) if recon_shape else None,
+            on_error,
+        )
+        Skips(on_error)  # validates the value here rather than in a worker
 
         all_shards = split_shards(self.meta, split, self.root)
-        self.shards = all_shards[rank::world_size]
-        if not self.shards:
-            # TODO(resampling): DESIGN.md wants resampled shards when shards < ranks x workers.
-            raise DataError(
-                f"{self.root / 'meta.json'}: split {split!r} has {len(all_shards)} shard(s), too "
-                f"few for {world_size} ranks (rank {rank} gets none); rewrite it with a smaller "
-                f"--samples-per-shard"
-            )
-        tasks = self._tasks(max_examples)
-        self.num_examples = sum(t.limit for t in tasks)
-        # Workers beyond the number of shards would read nothing: do not start them.
-        self.num_workers = min(num_workers, len(tasks))
-        groups = max(self.num_workers, 1)
-        self._worker_tasks = tuple(tuple(tasks[w::groups]) for w in range(groups))
+        readers = world_size * max(num_workers, 1)
+        self.resampled = train and len(all_shards) < readers
+        if self.resampled:
+            self._plan_resampled(all_shards, num_workers, max_examples)
+        else:
+            self._plan_split(all_shards, num_workers, max_examples)
         self._shuffle_buffer = shuffle_buffer
-        self.batches_per_epoch = sum(self._num_batches(ts) for ts in self._worker_tasks)
         if self.batches_per_epoch == 0:
             raise DataError(
                 f"{self.root}: rank {rank} reads {self.num_examples} {split!r} samples, fewer "
                 f"than one batch of {batch_size} per reader; lower the batch size"
             )
 
-    def _tasks(self, max_examples: int) -> list[ShardTask]:
-        """This rank's shards with the samples to take from each (all, unless max_examples)."""
+    def _plan_split(self, all_shards: list[str], num_workers: int, max_examples: int) -> None:
+        """Disjoint shards per rank (`rank::world`), then per worker."""
+        self.shards = all_shards[self.rank :: self.world_size]
+        if not self.shards:
+            raise DataError(
+                f"{self.root / 'meta.json'}: split {self.split!r} has {len(all_shards)} "
+                f"shard(s), too few for {self.world_size} ranks (rank {self.rank} gets none); "
+                f"rewrite it with a smaller --samples-per-shard"
+            )
+        tasks = self._tasks(self.shards, max_examples)
+        self.num_examples = sum(t.limit for t in tasks)
+        # Workers beyond the number of shards would read nothing: do not start them.
+        self.num_workers = min(num_workers, len(tasks))
+        groups = max(self.num_workers, 1)
+        self._worker_tasks = tuple(tuple(tasks[w::groups]) for w in range(groups))
+        self._quota = None
+        self.batches_per_epoch = sum(
+            self._num_batches(sum(t.limit for t in ts)) for ts in self._worker_tasks
+        )
+
+    def _plan_resampled(self, all_shards: list[str], num_workers: int, max_examples: int) -> None:
+        """Every rank and worker draws from all shards; each gets an equal, fixed share."""
+        self.shards = list(all_shards)
+        pool = tuple(self._tasks(all_shards, max_examples))
+        total = sum(t.limit for t in pool)
+        self.num_workers = num_workers
+        groups = max(num_workers, 1)
+        per_rank = total // self.world_size
+        self._quota = tuple(per_rank // groups + (w < per_rank % groups) for w in range(groups))
+        self._worker_tasks = (pool,)
+        self.num_examples = per_rank
+        self.batches_per_epoch = sum(self._num_batches(q) for q in self._quota)
+
+    def _tasks(self, names: list[str], max_examples: int) -> list[ShardTask]:
+        """These shards with the samples to take from each (all, unless max_examples)."""
         tasks, left = [], max_examples if max_examples > 0 else math.inf
-        for name in self.shards:
+        for name in names:
             path = self.root / name
             if not path.is_file():
                 raise DataError(f"{path}: shard listed in meta.json is missing")
@@ -179,16 +246,14 @@ class ShardReader:
             left -= take
         return tasks
 
-    def _num_batches(self, tasks: tuple[ShardTask, ...]) -> int:
-        n = sum(t.limit for t in tasks)
+    def _num_batches(self, n: int) -> int:
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def _raw_batches(self, epoch: int) -> Iterator[RawBatch]:
         plan = _EpochPlan(
             worker_tasks=self._worker_tasks,
-            image_shape=self.image_shape,
-            num_classes=self.meta["num_classes"],
-            num_targets=self.meta["num_targets"],
+            resample_quota=self._quota,
+            fmt=self._fmt,
             batch_size=self.batch_size,
             train=self.train,
             shuffle_buffer=self._shuffle_buffer,
@@ -202,23 +267,28 @@ class ShardReader:
         # batch_size=None: batches are built inside the workers' pipelines.
         return _from_workers(DataLoader(stream, batch_size=None, num_workers=self.num_workers))
 
-    def _finish(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, index: int) -> Batch:
-        """uint8 (B, H, W, C) → float32 (B, C, H, W) in [0, 1] on the device, shifted when
-        training. Moved as uint8 (4x fewer bytes) and augmented there (on the GPU if any)."""
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        x = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-        x = x.div_(255)
-        if self.shift_pixels:
-            # Seeded per batch, so that resuming mid-epoch gives the very same shifts.
+    def _finish(self, raw: RawBatch, epoch: int, index: int) -> Batch:
+        """uint8 (B, H, W, C) → float32 (B, C, H, W) on the device, augmented. Moved as uint8
+        (4x fewer bytes) and augmented there (on the GPU if any)."""
+        images = raw.images.to(self.device, non_blocking=True)
+        labels = raw.labels.to(self.device, non_blocking=True)
+        recon = None if raw.recon is None else raw.recon.to(self.device, non_blocking=True)
+        gen = None
+        if self.train and self.augment.random:
+            # Seeded per batch, so that resuming mid-epoch gives the very same augmentation.
             gen = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, epoch, index))
-            x = random_shift(x, self.shift_pixels, gen)
-        return Batch(x, labels)
+        x, recon_targets = self.augment(images, recon, self.train, gen)
+        return Batch(x, labels, recon_targets)
 
     def _epoch(self, epoch: int, skip: int) -> Iterator[Batch]:
-        for index, (images, labels) in enumerate(self._raw_batches(epoch)):
+        index = 0
+        for raw in self._raw_batches(epoch):
+            self.num_skipped += raw.skipped
+            if raw.images is None:
+                continue  # only carried the count of skipped samples
             if index >= skip:  # skipped batches are read but not converted
-                yield self._finish(images, labels, epoch, index)
+                yield self._finish(raw, epoch, index)
+            index += 1
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The `batches_per_epoch` batches of epoch `epoch` for this rank."""

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from capsdist.config import Config
-from capsdist.data import ShardReader, read_meta
+from capsdist.data import ShardReader, build_reader, read_meta
+from capsdist.data.checks import check_extra_eval_root
 from capsdist.files import write_json_atomic
 from capsdist.models import build_model, compute_loss, num_correct
 from capsdist.track import ProgressBar
@@ -82,22 +83,31 @@ def evaluate(model: torch.nn.Module, reader: ShardReader, cfg: Config, desc: str
     }
 
 
-def build_eval_reader(cfg: Config, device: torch.device) -> ShardReader:
-    """The whole evaluation split (or its first eval.max_examples), fixed order, on `device`."""
-    return ShardReader(
-        cfg.data.root,
+def build_eval_reader(
+    cfg: Config, device: torch.device, root: str | Path | None = None
+) -> ShardReader:
+    """The whole evaluation split of data.root (or `root`), or its first eval.max_examples,
+    fixed order, on `device`; centre-cropped / standardised as cfg.data asks."""
+    return build_reader(
+        cfg,
         cfg.data.eval_split,
-        batch_size=cfg.eval.batch_size,
         train=False,
+        batch_size=cfg.eval.batch_size,
         max_examples=cfg.eval.max_examples,
         device=device,
+        root=root,
     )
 
 
 def run_eval(cfg: Config) -> dict:
-    """Evaluate cfg.ckpt on cfg.data.eval_split; write eval.json beside the weights."""
+    """Evaluate cfg.ckpt on cfg.data.eval_split, and on the same split of every
+    data.extra_eval_roots folder (reported under `extra_eval`, keyed by folder name, and as
+    `<name>_accuracy`); write eval.json beside the weights."""
     weights = resolve_weights(cfg.ckpt)
     read_meta(cfg.data.root)
+    extra_roots = {Path(root).name: root for root in cfg.data.extra_eval_roots}
+    for root in extra_roots.values():
+        check_extra_eval_root(read_meta(root), root, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(weights, cfg, device)
     reader = build_eval_reader(cfg, device)
@@ -105,6 +115,14 @@ def run_eval(cfg: Config) -> dict:
         **evaluate(model, reader, cfg),
         "checkpoint": str(weights),
         "split": cfg.data.eval_split,
+        "data_skipped": reader.num_skipped,
     }
+    extra = {}
+    for name, root in extra_roots.items():
+        other = build_eval_reader(cfg, device, root=root)
+        extra[name] = {**evaluate(model, other, cfg, desc=f"eval {name}"), "root": str(root)}
+        result[f"{name}_accuracy"] = extra[name]["accuracy"]
+    if extra:
+        result["extra_eval"] = extra
     write_json_atomic(weights.parent / "eval.json", {**result, "config": asdict(cfg)})
     return result

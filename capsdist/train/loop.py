@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,9 +17,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from capsdist.config import Config, save_config
+from capsdist.config import Config, config_to_yaml, save_config
 from capsdist.config.schema import ConfigError
 from capsdist.data import ShardReader, read_meta
+from capsdist.data.build import build_reader
 from capsdist.data.checks import check_data_matches_model
 from capsdist.dist import DistEnv, batch_layout, build_deepspeed_config
 from capsdist.dist.engine import build_engine, device_for, init_process_group
@@ -35,7 +37,13 @@ from capsdist.train.checkpoint import (
     tag_for,
 )
 from capsdist.train.export import copy_weights
-from capsdist.train.step import WindowStats, any_rank, replica_report, train_step
+from capsdist.train.step import (
+    WindowStats,
+    any_rank,
+    replica_report,
+    sum_over_ranks,
+    train_step,
+)
 
 # Called on the main rank with (step, metrics, model) after every log line: Ray Tune reports
 # this way, and figures are drawn from the live model.
@@ -79,17 +87,13 @@ def run_training(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
     trainer = None
     try:
         device = device_for(env)
-        reader = ShardReader(
-            cfg.data.root,
+        reader = build_reader(
+            cfg,
             cfg.data.train_split,
+            train=True,
             batch_size=micro_batch,
             rank=env.rank,
             world_size=env.world_size,
-            seed=cfg.seed,
-            train=True,
-            shift_pixels=cfg.data.shift_pixels,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            num_workers=cfg.data.num_workers,
             device=device,
         )
         eval_reader = build_eval_reader(cfg, device) if cfg.train.eval_every else None
@@ -99,6 +103,7 @@ def run_training(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
         start_step = resumed[0] if resumed else 0
         trainer = Trainer(cfg, env, engine, reader, eval_reader, accumulation, callbacks=callbacks)
         if env.is_main:
+            print(config_to_yaml(cfg), file=sys.stderr, flush=True)  # the resolved config, once
             save_config(cfg, run_dir / "config.yaml")
             ds_config = build_deepspeed_config(cfg, env.world_size)
             write_json_atomic(run_dir / "deepspeed_config.json", ds_config)
@@ -160,6 +165,8 @@ def train_loop(t: Trainer, start_step: int) -> dict:
                 "images_per_s": images_per_s,
                 "lr": engine.get_lr()[0],
             }
+            if cfg.data.on_error == "skip":
+                metrics["data_skipped"] = sum_over_ranks(t.reader.num_skipped)
             if t.eval_reader and (step % cfg.train.eval_every == 0 or last):
                 metrics.update(evaluate_on_main(t))
             if t.env.is_main:

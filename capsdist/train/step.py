@@ -64,6 +64,15 @@ def _reduce_device() -> torch.device:
     return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def sum_over_ranks(count: int) -> int:
+    """The sum of an integer count over every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return count
+    value = torch.tensor([count], dtype=torch.int64, device=_reduce_device())
+    dist.all_reduce(value)
+    return int(value.item())
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if the flag is set on any rank (stop decisions must agree)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

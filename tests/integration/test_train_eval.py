@@ -115,3 +115,20 @@ def test_periodic_evaluation_and_callbacks_in_process(mnist_sample, tmp_path):
     assert result["eval_accuracy"] == seen[-1][1]["eval_accuracy"]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert sum("eval_accuracy" in line for line in lines) == 2
+
+
+def test_cifar10_config_trains_on_crops_of_32x32_shards(tmp_path):
+    from data_tools.synthetic import make_synthetic_shards
+
+    data, run = tmp_path / "cifar", tmp_path / "run"
+    make_synthetic_shards(data, n_train=64, n_test=32, image_shape=(32, 32, 3), dataset="cifar10")
+    small = ["model.conv1_channels=16", "model.num_prime_capsules=4"]
+    config = ["-c", "configs/cifar10.yaml", f"data.root={data}", *small]
+    train = run_capsdist(
+        "train", *config, f"run.dir={run}", "train.max_steps=3", "train.batch_size=8"
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert train.result["step"] == 3
+    evaluation = run_capsdist("eval", *config, f"ckpt={run}")
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert evaluation.result["num_examples"] == 32

@@ -72,9 +72,26 @@ def test_two_ranks_read_disjoint_halves_of_the_split(shards):
         assert sorted(parts[0] + parts[1]) == sorted(everything)
 
 
-def test_rank_without_shards_is_an_error(shards):
+def test_eval_rank_without_shards_is_an_error(shards):
     with pytest.raises(DataError, match="rank 9 gets none"):
-        ShardReader(shards, "test", batch_size=4, rank=9, world_size=10)
+        ShardReader(shards, "test", batch_size=4, rank=9, world_size=10, train=False)
+
+
+def test_too_few_shards_for_ranks_x_workers_resamples(shards):
+    # 2 test shards of 25 for 4 ranks: every rank draws whole shards, 50 // 4 = 12 samples each.
+    readers = [
+        ShardReader(shards, "test", batch_size=4, rank=r, world_size=4, seed=3) for r in range(4)
+    ]
+    assert all(r.resampled and r.batches_per_epoch == 3 for r in readers)
+    everything = set(digests(ShardReader(shards, "test", batch_size=10, train=False).epoch(0)))
+    for reader in readers:
+        first = digests(reader.epoch(0))
+        assert len(first) == 12 and set(first) <= everything
+        assert first == digests(reader.epoch(0))  # deterministic in (seed, rank, epoch)
+    assert digests(readers[0].epoch(0)) != digests(readers[1].epoch(0))
+    # 2 shards < 2 ranks x 2 workers: 25 samples per rank, 13 + 12 per worker, batches of 5.
+    workers = ShardReader(shards, "test", batch_size=5, world_size=2, num_workers=2)
+    assert workers.resampled and len(list(workers.epoch(0))) == workers.batches_per_epoch == 4
 
 
 def test_training_order_is_a_function_of_seed_rank_epoch(shards):
@@ -144,8 +161,10 @@ def test_truncated_shard_is_named(copy, num_workers, cut):
         list(reader.epoch(0))
     message = str(info.value)
     assert message.startswith(f"{shard}: ") and "\n" not in message
-    if cut == "inside_data":
-        assert message.endswith("unreadable or truncated shard (unexpected end of data)")
+    if cut == "inside_data":  # the sample being read when the data ended is named
+        assert message.endswith(
+            "unreadable or truncated shard at sample train_00000089 (unexpected end of data)"
+        )
 
 
 def test_shard_cut_between_samples_is_named(copy):
@@ -176,3 +195,50 @@ def test_missing_shard_is_named(copy):
     (copy / "test-000001.tar").unlink()
     with pytest.raises(DataError, match="test-000001.tar: shard listed in meta.json is missing"):
         ShardReader(copy, "test", batch_size=10, train=False)
+
+
+def test_corrupt_header_names_shard_and_sample(copy):
+    shard = copy / "train-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[4 * 2560 + 124] ^= 0x01  # a size digit of sample 4's img.u8 header (key ...054)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train-000002.tar: .*sample train_00000054"):
+        list(ShardReader(copy, "train", batch_size=10, train=False).epoch(0))
+
+
+def test_on_error_skip_leaves_bad_samples_out_and_counts_them(copy):
+    shard = copy / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: 10 * 2560 + 700])  # 10 good samples, then cut
+    edit_meta(copy, num_classes=5)  # labels 5-9 are now out of range
+    reader = ShardReader(copy, "train", batch_size=10, train=False, on_error="skip")
+    labels = torch.cat([y for _, y, _ in reader.epoch(0)])
+    assert labels.max() < 5
+    assert reader.num_skipped == N_TRAIN - len(labels) and 15 <= reader.num_skipped < N_TRAIN
+    with pytest.raises(DataError):
+        list(ShardReader(copy, "train", batch_size=10, train=False).epoch(0))
+
+
+def test_shards_stay_readable_by_webdataset_and_tar_both_ways(shards, tmp_path):
+    import tarfile
+
+    import webdataset as wds
+
+    ours = digests(ShardReader(shards, "test", batch_size=10, train=False).epoch(0))
+    theirs = [
+        hashlib.sha1(
+            (torch.frombuffer(bytearray(s["img.u8"]), dtype=torch.uint8).float() / 255)
+            .numpy()
+            .tobytes()
+        ).hexdigest()
+        for s in wds.WebDataset(str(shards / "test-{000000..000001}.tar"), shardshuffle=False)
+    ]
+    assert ours == theirs
+    with tarfile.open(shards / "test-000000.tar") as tar:
+        assert tar.getnames()[:2] == ["test_00000000.img.u8", "test_00000000.cls"]
+    # ... and a shard written by webdataset's own TarWriter reads here.
+    copy = shutil.copytree(shards, tmp_path / "wds")
+    with wds.TarWriter(str(copy / "test-000000.tar")) as sink:
+        for sample in wds.WebDataset(str(shards / "test-000000.tar"), shardshuffle=False):
+            sink.write({k: v for k, v in sample.items() if k in ("__key__", "img.u8", "cls")})
+    again = digests(ShardReader(copy, "test", batch_size=10, train=False).epoch(0))
+    assert again == ours

@@ -138,8 +138,10 @@ def test_cli_subcommands_return_the_result(tmp_path):
     result = args.func(args)
     assert result["splits"] == {"train": 4000, "test": 1000}
     json.dumps(result)  # the CLI prints it as JSON
+    # --src is optional: without it the files are downloaded (tests/unit/test_data_download.py)
+    assert parser.parse_args(["data", "mnist", "--out", str(tmp_path)]).src is None
     with pytest.raises(SystemExit):
-        parser.parse_args(["data", "mnist", "--out", str(tmp_path)])  # --src required for now
+        parser.parse_args(["data", "mnist"])  # --out is required
     args = parser.parse_args(
         ["data", "mnist", "--src", str(tmp_path / "nope"), "--out", str(tmp_path)]
     )

@@ -1,0 +1,180 @@
+"""MultiMNIST and expanded MNIST: the reference's shift tool (`mnist_shift.py`), re-done.
+
+MultiMNIST (`--shift 6 --pad 4 --pairs N`): every digit is padded by 4 to 36x36 and shifted by
+its own random integer (dy, dx) in -6..6 with zero fill. For each base image the reference
+draws 2N other images without replacement, keeps those of a DIFFERENT class and takes the first
+N; each pair becomes one sample: the merged image min(base + other, 255), both labels (base
+first) and both shifted digits (`recon.u8`, (2, 36, 36, 1)), which the decoder reconstructs
+from the capsule of their own label. Train pairs come from MNIST's train split, test pairs from
+its test split (paper: 60,000 x 1,000 and 10,000 x 1,000).
+
+Samples are written pair-round by pair-round (round j holds the j-th pair of every base), so
+consecutive samples have different base digits and a shuffle buffer sees a mix.
+
+Expanded MNIST (`--shift 6 --pad 6`): each digit padded to 40x40 and placed at a random shift,
+`--copies` times: the training set of the affNIST generalisation experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from capsdist.data.augment import shift_images
+from data_tools.errors import DataToolError
+from data_tools.from_shards import load_split
+from data_tools.output import write_sample_stream
+
+CHUNK = 10_000  # samples generated at once (~40 MB for MultiMNIST)
+
+
+def pad_and_shift(images: np.ndarray, pad: int, shifts: np.ndarray) -> np.ndarray:
+    """uint8 (n, H, W, C) → (n, H+2p, W+2p, C), each moved by its (dy, dx), zero fill."""
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    x = torch.from_numpy(padded).permute(0, 3, 1, 2)  # (n, C, H, W)
+    return shift_images(x, torch.from_numpy(shifts)).permute(0, 2, 3, 1).numpy()
+
+
+def choose_partners(labels: np.ndarray, pairs: int, rng: np.random.Generator) -> np.ndarray:
+    """(N, pairs) partner indices: per base, 2*pairs others drawn without replacement, those of
+    another class kept, the first `pairs` taken (drawing again in the rare case of too few)."""
+    n = len(labels)
+    if pairs > n - 1:
+        raise DataToolError(f"--pairs {pairs} is more than the {n - 1} other images of the split")
+    others = n - np.bincount(labels).max()  # images outside the largest class
+    if others < pairs:
+        raise DataToolError(
+            f"--pairs {pairs}: some class has only {others} partners of another class"
+        )
+    partners = np.empty((n, pairs), dtype=np.int64)
+    size = min(2 * pairs, n - 1)
+    for i in range(n):
+        draw = rng.choice(n - 1, size=size, replace=False)
+        draw = draw + (draw >= i)  # never the base itself
+        kept = draw[labels[draw] != labels[i]]
+        while len(kept) < pairs:  # rare: fewer than half of the draw had another class
+            more = rng.choice(n - 1, size=size, replace=False)
+            more = more + (more >= i)
+            more = more[(labels[more] != labels[i]) & ~np.isin(more, kept)]
+            kept = np.concatenate([kept, more])
+        partners[i] = kept[:pairs]
+    return partners
+
+
+def _multi_chunks(images, labels, partners, shift, pad, rng) -> Iterator[tuple]:
+    n, pairs = partners.shape
+    for start in range(0, n * pairs, CHUNK):
+        flat = np.arange(start, min(start + CHUNK, n * pairs))
+        j_idx, base = flat // n, flat % n  # pair-round major: round j, then every base
+        other = partners[base, j_idx]
+        m = len(base)
+        a = pad_and_shift(images[base], pad, rng.integers(-shift, shift + 1, (m, 2)))
+        b = pad_and_shift(images[other], pad, rng.integers(-shift, shift + 1, (m, 2)))
+        merged = np.minimum(a.astype(np.uint16) + b, 255).astype(np.uint8)
+        yield merged, np.stack([labels[base], labels[other]], 1), np.stack([a, b], 1)
+
+
+def _fingerprint(kind: str, source_meta: dict, **params: Any) -> str:
+    text = json.dumps([kind, source_meta.get("fingerprint"), params], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def make_multimnist(
+    src: str | Path,
+    out: str | Path,
+    *,
+    shift: int = 6,
+    pad: int = 4,
+    pairs: int = 1000,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """MNIST shards in `src` → `multimnist` shards (both splits, `pairs` per base image)."""
+    if shift < 0 or pad < 0 or pairs < 1:
+        raise DataToolError(
+            f"need --shift >= 0, --pad >= 0, --pairs >= 1; got {shift}, {pad}, {pairs}"
+        )
+    data = {}
+    for split_id, split in enumerate(("train", "test")):
+        images, labels, meta = load_split(src, split)
+        rng = np.random.default_rng([seed, split_id])
+        data[split] = (images, labels, choose_partners(labels, pairs, rng), rng)
+
+    def chunks(split):
+        images, labels, partners, rng = data[split]
+        return lambda: _multi_chunks(images, labels, partners, shift, pad, rng)
+
+    return write_sample_stream(
+        out,
+        dataset="multimnist",
+        fingerprint=_fingerprint("multimnist", meta, shift=shift, pad=pad, pairs=pairs, seed=seed),
+        splits={split: (len(d[0]) * pairs, chunks(split)) for split, d in data.items()},
+        num_classes=meta["num_classes"],
+        samples_per_shard=samples_per_shard,
+        extra_meta={
+            "source": f"MultiMNIST from {Path(src).resolve()}",
+            "shift": shift,
+            "pad": pad,
+            "pairs": pairs,
+            "seed": seed,
+        },
+        progress=progress,
+    )
+
+
+def make_expanded_mnist(
+    src: str | Path,
+    out: str | Path,
+    *,
+    shift: int = 6,
+    pad: int = 6,
+    copies: int = 1,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """MNIST shards in `src` → `expanded_mnist` shards: 40x40, digits randomly placed."""
+    if shift < 0 or pad < 0 or copies < 1 or shift > pad:
+        raise DataToolError(
+            f"need 0 <= --shift <= --pad and --copies >= 1; got {shift}, {pad}, {copies}"
+        )
+    data = {}
+    for split_id, split in enumerate(("train", "test")):
+        images, labels, meta = load_split(src, split)
+        data[split] = (images, labels, np.random.default_rng([seed, split_id]))
+
+    def chunks(split):
+        images, labels, rng = data[split]
+        index = np.tile(np.arange(len(images)), copies)
+
+        def generate():
+            for start in range(0, len(index), CHUNK):
+                part = index[start : start + CHUNK]
+                shifts = rng.integers(-shift, shift + 1, (len(part), 2))
+                yield pad_and_shift(images[part], pad, shifts), labels[part], None
+
+        return generate
+
+    return write_sample_stream(
+        out,
+        dataset="expanded_mnist",
+        fingerprint=_fingerprint("expanded", meta, shift=shift, pad=pad, copies=copies, seed=seed),
+        splits={split: (len(d[0]) * copies, chunks(split)) for split, d in data.items()},
+        num_classes=meta["num_classes"],
+        samples_per_shard=samples_per_shard,
+        extra_meta={
+            "source": f"expanded MNIST from {Path(src).resolve()}",
+            "shift": shift,
+            "pad": pad,
+            "copies": copies,
+            "seed": seed,
+        },
+        progress=progress,
+    )
