@@ -66,8 +66,28 @@ class WandbSink:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._run.log(metrics, step=step)
 
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        """A W&B table (sweep results, ensemble members): one panel in the project."""
+        import wandb
+
+        self._run.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def log_images(self, step: int, images: dict[str, Path]) -> None:
+        """PNG files as W&B images (figures drawn at an evaluation)."""
+        log_images(self._run, step, images)
+
+    def summary(self, values: dict) -> None:
+        self._run.summary.update(values)
+
     def close(self) -> None:
         self._run.finish()
+
+
+def log_images(run, step: int | None, images: dict[str, Path]) -> None:
+    """Log PNG files to a W&B run (e.g. `wandb.run`, the training loop's live run)."""
+    import wandb
+
+    run.log({key: wandb.Image(str(path)) for key, path in images.items()}, step=step)
 
 
 class ProgressBar:

@@ -47,10 +47,18 @@ def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+# How the model runs, not what it is: checkpoints move freely between these settings.
+RUNTIME_MODEL_KEYS = ("compile", "channels_last")
+
+
 def model_differences(saved: dict, current: ModelConfig) -> list[str]:
-    now = asdict(current)
+    """The model settings in which a saved config (a dict) and `current` differ. A key the saved
+    config lacks (written by an older capsdist) counts as that key's default."""
+    defaults, now = asdict(ModelConfig()), asdict(current)
     return [
-        f"model.{k}: {saved.get(k)!r} there, {now[k]!r} here" for k in now if saved.get(k) != now[k]
+        f"model.{k}: {saved.get(k, defaults[k])!r} there, {now[k]!r} here"
+        for k in now
+        if k not in RUNTIME_MODEL_KEYS and saved.get(k, defaults[k]) != now[k]
     ]
 
 

@@ -9,8 +9,11 @@ from capsdist.config.args import add_config_args, config_from_args
 
 def _train(args: argparse.Namespace) -> dict:
     from capsdist.train import run_training
+    from capsdist.viz.callback import FigureCallback
 
-    return run_training(config_from_args(args))
+    cfg = config_from_args(args)
+    # With periodic evaluation, every evaluation also redraws the figures (run.dir/figures, W&B).
+    return run_training(cfg, callbacks=[FigureCallback(cfg)] if cfg.train.eval_every else [])
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -132,3 +132,22 @@ def test_cifar10_config_trains_on_crops_of_32x32_shards(tmp_path):
     evaluation = run_capsdist("eval", *config, f"ckpt={run}")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert evaluation.result["num_examples"] == 32
+
+
+def test_train_with_periodic_evaluation_draws_figures(mnist_sample, tmp_path):
+    run = tmp_path / "run"
+    out = run_capsdist(
+        "train",
+        *DEBUG,
+        f"data.root={mnist_sample}",
+        f"run.dir={run}",
+        "train.max_steps=10",
+        "train.eval_every=10",
+        "eval.max_examples=100",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert 0.0 <= out.result["eval_accuracy"] <= 1.0
+    figures = sorted(p.name for p in (run / "figures").glob("*.png"))
+    assert {"reconstructions.png", "perturbations.png", "confusion.png", "routing.png"} <= set(
+        figures
+    )

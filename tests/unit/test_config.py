@@ -81,3 +81,17 @@ def test_every_key_is_documented():
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(["nope.yaml"])
+
+
+def test_runtime_settings_and_keys_added_later_do_not_make_a_different_model():
+    from dataclasses import asdict
+
+    from capsdist.config import ModelConfig
+    from capsdist.train.checkpoint import model_differences
+
+    saved = asdict(ModelConfig())
+    del saved["channels_last"]  # a checkpoint written before the key existed
+    assert model_differences(saved, ModelConfig(compile=True)) == []
+    assert model_differences(saved, ModelConfig(num_prime_capsules=8)) == [
+        "model.num_prime_capsules: 32 there, 8 here"
+    ]

@@ -1,0 +1,179 @@
+"""`capsdist ensemble-eval`: evaluate N exported models and their ensemble in one data pass.
+
+As the reference's `evaluate_ensemble` (experiment.py): the members' class lengths are SUMMED
+and the ensemble predicts the argmax (the top two for two targets, scored like one model). Unlike
+the reference, which silently skips checkpoints that are missing, every member must exist and
+all must be the same architecture, or nothing is evaluated.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import asdict
+from itertools import combinations
+from pathlib import Path
+
+import torch
+import yaml
+
+from capsdist.config import Config
+from capsdist.data import read_meta
+from capsdist.eval.evaluate import build_eval_reader, load_model, resolve_weights
+from capsdist.files import write_json_atomic, write_text_atomic
+from capsdist.models import ModelOutput, num_correct
+from capsdist.track import ProgressBar
+from capsdist.train.checkpoint import CheckpointError
+from capsdist.train.export import load_weights
+
+
+def resolve_members(checkpoints: list[str], num_trials: int = 0) -> list[Path]:
+    """Weight files of the members. Each item is a run dir, a .safetensors file, a pattern
+    with `{}` (formatted with 0..num_trials-1, as the reference) or a glob (`runs/ens/*`)."""
+    found: list[str] = []
+    for item in checkpoints:
+        if "{}" in item:
+            if num_trials < 1:
+                raise CheckpointError(f"--checkpoints {item!r} has {{}}: pass --num-trials N")
+            found += [item.format(i) for i in range(num_trials)]
+        elif glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise CheckpointError(f"--checkpoints {item!r} matches nothing")
+            found += matches
+        else:
+            found.append(item)
+    missing = [
+        p for p in found if not (Path(p).is_file() or (Path(p) / "model.safetensors").is_file())
+    ]
+    if missing:
+        raise CheckpointError(
+            f"ensemble member(s) without exported weights: {', '.join(missing)} "
+            f"({len(found) - len(missing)} of {len(found)} found; train them to the end first)"
+        )
+    if num_trials and len(found) < num_trials:
+        raise CheckpointError(
+            f"--checkpoints {' '.join(checkpoints)} gives {len(found)} member(s), fewer than "
+            f"--num-trials {num_trials}"
+        )
+    if len(found) < 2:
+        raise CheckpointError(f"an ensemble needs at least 2 members, got {len(found)}")
+    weights = [resolve_weights(p) for p in found]
+    if len(set(weights)) < len(weights):
+        raise CheckpointError("--checkpoints names the same weights more than once")
+    return weights
+
+
+def check_same_architecture(weights: list[Path]) -> dict:
+    """The members' exported `model` configs must agree; returns it (empty if not recorded)."""
+    models = [yaml.safe_load(load_weights(w)[1] or "{}").get("model", {}) for w in weights]
+    first = models[0]
+    for path, model in zip(weights[1:], models[1:], strict=True):
+        diffs = [
+            f"model.{k}: {first.get(k)!r} vs {model.get(k)!r}"
+            for k in sorted(set(first) | set(model))
+            if first.get(k) != model.get(k)
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"ensemble members have different architectures: {weights[0]} and {path} "
+                f"differ in {'; '.join(diffs[:3])}"
+            )
+    return first
+
+
+@torch.no_grad()
+def evaluate_ensemble(
+    members: list[torch.nn.Module], reader, num_targets: int, desc: str = "ensemble"
+) -> dict:
+    """One pass over the reader: every batch is read once and given to every member.
+
+    Returns each member's accuracy, the ensemble's (summed class lengths), the fraction of
+    examples on which all members predict the same, and the mean pairwise agreement.
+    """
+    n = len(members)
+    correct = torch.zeros(n, dtype=torch.long)
+    ensemble_correct = all_agree = examples = 0
+    pair_agree = torch.zeros(n, n, dtype=torch.long)
+    bar = ProgressBar(reader.batches_per_epoch, desc=desc, unit="batch")
+    try:
+        for batch in reader.epoch(0):
+            images, labels = batch.images, batch.labels
+            lengths = [m(images).lengths.float() for m in members]  # n × (B, J)
+            preds = [ModelOutput(lengths=x).predictions(num_targets) for x in lengths]
+            for i, x in enumerate(lengths):
+                correct[i] += int(num_correct(ModelOutput(lengths=x), labels))
+            summed = ModelOutput(lengths=torch.stack(lengths).sum(0))  # the reference's combine
+            ensemble_correct += int(num_correct(summed, labels))
+            same = [
+                (a == b).view(a.shape[0], -1).all(1) for a, b in zip(preds, preds[1:], strict=False)
+            ]
+            all_agree += int(torch.stack(same).all(0).sum())
+            for i, j in combinations(range(n), 2):
+                pair_agree[i, j] += int((preds[i] == preds[j]).view(len(images), -1).all(1).sum())
+            examples += images.shape[0]
+            bar.update(1, acc=f"{ensemble_correct / examples:.4f}")
+    finally:
+        bar.close()
+    pairs = max(n * (n - 1) // 2, 1)
+    return {
+        "member_accuracies": [int(c) / max(examples, 1) for c in correct],
+        "ensemble_accuracy": ensemble_correct / max(examples, 1),
+        "agreement_all": all_agree / max(examples, 1),
+        "agreement_pairwise": int(pair_agree.sum()) / pairs / max(examples, 1),
+        "num_examples": examples,
+    }
+
+
+def markdown_table(result: dict, names: list[str]) -> str:
+    lines = ["| model | accuracy | error % |", "| --- | --- | --- |"]
+    for name, acc in zip(names, result["member_accuracies"], strict=True):
+        lines.append(f"| {name} | {acc:.4f} | {100 * (1 - acc):.2f} |")
+    acc = result["ensemble_accuracy"]
+    lines.append(f"| **ensemble of {len(names)}** | **{acc:.4f}** | **{100 * (1 - acc):.2f}** |")
+    lines.append("")
+    lines.append(
+        f"Members agree on {100 * result['agreement_all']:.2f} % of the "
+        f"{result['num_examples']} examples (pairwise: {100 * result['agreement_pairwise']:.2f} %)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def run_ensemble_eval(
+    cfg: Config, checkpoints: list[str], num_trials: int = 0, out: str = ""
+) -> dict:
+    """Evaluate the members and their ensemble on cfg.data.eval_split; write the table."""
+    weights = resolve_members(checkpoints, num_trials)
+    check_same_architecture(weights)
+    read_meta(cfg.data.root)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    members = [load_model(w, cfg, device) for w in weights]
+    reader = build_eval_reader(cfg, device)
+    result = evaluate_ensemble(members, reader, cfg.model.num_targets)
+    names = [str(w.parent if w.name == "model.safetensors" else w) for w in weights]
+    out_dir = Path(out) if out else Path(os.path.commonpath([Path(n) for n in names])) / "ensemble"
+    table = markdown_table(result, names)
+    print(table, end="", flush=True)
+    result.update(members=names, split=cfg.data.eval_split, out=str(out_dir))
+    write_text_atomic(out_dir / "ensemble.md", table)
+    write_json_atomic(out_dir / "ensemble.json", {**result, "config": asdict(cfg)})
+    _log_to_wandb(cfg, out_dir, result)
+    return result
+
+
+def _log_to_wandb(cfg: Config, out_dir: Path, result: dict) -> None:
+    """An `ensemble` run whose table lists every member and the ensemble."""
+    if cfg.wandb.mode == "disabled":
+        return
+    from capsdist.track import WandbSink
+
+    cfg.wandb.group = cfg.wandb.group or f"ensemble-{out_dir.parent.name}"
+    cfg.wandb.tags = [*cfg.wandb.tags, "ensemble"]
+    sink = WandbSink(out_dir, cfg.wandb, asdict(cfg), job_type="ensemble")
+    try:
+        rows = [[m, a] for m, a in zip(result["members"], result["member_accuracies"], strict=True)]
+        rows.append([f"ensemble of {len(rows)}", result["ensemble_accuracy"]])
+        sink.log_table("ensemble/accuracy", ["model", "accuracy"], rows)
+        sink.summary({k: v for k, v in result.items() if k not in ("members", "member_accuracies")})
+    finally:
+        sink.close()
