@@ -7,7 +7,7 @@ DEMO_RUN  ?= runs/mnist_sample
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format clean launch
+.PHONY: install demo test lint format clean launch bench ensemble
 
 install: $(VENV)/.installed
 
@@ -40,7 +40,37 @@ format: install
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
+# The standard benchmark set (issue 6): MNIST and CIFAR-10 CapsNets, fp32 and bf16, each beside
+# the plain PyTorch CapsNet of the tests; writes docs/bench.md and `## Performance` in
+# docs/results.md. ~15 min on 2 CPU cores. BENCH_ARGS e.g. "--steps 20" or "train.batch_size=128".
+BENCH_OUT  ?= runs/bench
+BENCH_ARGS ?= train.batch_size=64
+bench: install
+	mkdir -p $(BENCH_OUT)
+	for cfg in mnist cifar10; do for prec in fp32 bf16; do \
+	  WANDB_MODE=disabled $(CAPSDIST) bench model -c configs/$$cfg.yaml ds.precision=$$prec \
+	    --compare-plain $(BENCH_ARGS) > $(BENCH_OUT)/$$cfg-$$prec.log || exit 1; \
+	  tail -n 1 $(BENCH_OUT)/$$cfg-$$prec.log > $(BENCH_OUT)/$$cfg-$$prec.json; \
+	done; done
+	$(PY) -m capsdist.bench.report $(BENCH_OUT)/mnist-fp32.json $(BENCH_OUT)/mnist-bf16.json \
+	  $(BENCH_OUT)/cifar10-fp32.json $(BENCH_OUT)/cifar10-bf16.json
+
 # Start training with any launcher; settings from the environment (see launch/launch.sh and
 # docs/launch.md), e.g. NPROC=2 CONFIG=configs/debug_cpu.yaml ARGS="data.root=..." make launch
 launch: install
 	bash launch/launch.sh
+
+# The reference's CIFAR-10 ensemble: train ENSEMBLE_N members (seeds 0..N-1) one after another,
+# then evaluate them and their ensemble in one pass (the Ray way: configs/sweeps/cifar10_ensemble.yaml).
+# Tiny CPU version: make ensemble ENSEMBLE_CONFIG=configs/debug_cpu.yaml ENSEMBLE_DATA=$(SAMPLE) ENSEMBLE_N=3
+ENSEMBLE_CONFIG ?= configs/cifar10.yaml
+ENSEMBLE_DATA   ?= data/cifar10
+ENSEMBLE_N      ?= 7
+ENSEMBLE_RUNS   ?= runs/$(basename $(notdir $(ENSEMBLE_CONFIG)))_ensemble/member
+ensemble: install
+	for i in $$(seq 0 $$(($(ENSEMBLE_N) - 1))); do \
+		$(CAPSDIST) train -c $(ENSEMBLE_CONFIG) data.root=$(ENSEMBLE_DATA) seed=$$i \
+			run.dir=$(ENSEMBLE_RUNS)$$i || exit 1; \
+	done
+	$(CAPSDIST) ensemble-eval -c $(ENSEMBLE_CONFIG) data.root=$(ENSEMBLE_DATA) \
+		--checkpoints '$(ENSEMBLE_RUNS){}' --num-trials $(ENSEMBLE_N)

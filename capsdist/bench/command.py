@@ -22,7 +22,9 @@ def _bench(args: argparse.Namespace) -> dict:
 def register(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="throughput/memory benchmarks, JSON out")
     kinds = bench.add_subparsers(dest="benchmark", required=True)
-    for name, (_, help_text) in BENCHMARKS.items():
+    for name, (module, help_text) in BENCHMARKS.items():
         kind = kinds.add_parser(name, help=help_text)
         add_config_args(kind)
         kind.set_defaults(func=_bench)
+        if name == "model":  # its own flags (--steps, --compare-plain, ...), defined beside run()
+            importlib.import_module(module).add_arguments(kind)

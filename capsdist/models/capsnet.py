@@ -9,6 +9,7 @@ Shapes use the legend of capsule_ops.py.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from capsdist.config.schema import ModelConfig
 from capsdist.models.capsule_ops import safe_norm, squash
 from capsdist.models.output import ModelOutput
-from capsdist.models.routing import route
+from capsdist.models.routing import route_capsules
 
 
 def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
@@ -80,7 +81,8 @@ class PrimaryCapsules(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        out = self.conv(x).view(b, self.types, self.dim, *self.out_hw)  # (B, types, Din, H, W)
+        # reshape, not view: a channels_last conv output is not contiguous (the copy is small).
+        out = self.conv(x).reshape(b, self.types, self.dim, *self.out_hw)  # (B, types, Din, H, W)
         out = out.permute(0, 1, 3, 4, 2)  # (B, types, H, W, Din)
         s = out * self.vote_scale + self.bias[:, None, None, :]
         return squash(s).reshape(b, -1, self.dim)  # (B, I, Din), I = types·H·W
@@ -104,12 +106,14 @@ class ClassCapsules(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.num_classes, self.dim))
 
     def votes(self, u_bid: torch.Tensor) -> torch.Tensor:
+        """(B, I, J, D) votes û_{j|i} = W_ij u_i (for inspection; forward never builds them so)."""
         b, i, _ = u_bid.shape
         votes_ibk = torch.bmm(u_bid.transpose(0, 1), self.weight)  # (I, B, J·Dout)
         return votes_ibk.transpose(0, 1).reshape(b, i, self.num_classes, self.dim)  # (B, I, J, D)
 
     def forward(self, u_bid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return route(self.votes(u_bid), self.bias, self.iters, self.leaky, self.detach)
+        # Same result as route(self.votes(u), ...), without the (B, I, J, D) copy: see routing.py.
+        return route_capsules(u_bid, self.weight, self.bias, self.iters, self.leaky, self.detach)
 
 
 class Decoder(nn.Module):
@@ -131,7 +135,8 @@ class Decoder(nn.Module):
         num_classes = poses_bjd.shape[1]
         mask_btj = F.one_hot(targets_bt, num_classes).to(poses_bjd.dtype)
         masked = mask_btj[..., None] * poses_bjd[:, None]  # (B, T, J, D)
-        pixels = self.net(masked.flatten(2))  # (B, T, C·H·W)
+        # Routing returns fp32 poses; a bf16 decoder (DeepSpeed bf16) takes its own dtype.
+        pixels = self.net(masked.flatten(2).to(self.net[0].weight.dtype))  # (B, T, C·H·W)
         return pixels.view(*targets_bt.shape, *self.image_chw)
 
 
@@ -140,6 +145,7 @@ class CapsNet(nn.Module):
         super().__init__()
         h, w, c = cfg.image_shape
         self.num_targets = cfg.num_targets
+        self.channels_last = cfg.channels_last
         self.conv1 = TFConv2d(c, cfg.conv1_channels, cfg.conv1_kernel, 1, cfg.padding, (h, w))
         self.primary = PrimaryCapsules(cfg.conv1_channels, cfg, self.conv1.out_hw)
         if min(self.primary.out_hw) < 1:
@@ -150,6 +156,8 @@ class CapsNet(nn.Module):
         self.classes = ClassCapsules(self.primary.num_capsules(), cfg)
         self.decoder = Decoder(cfg) if cfg.reconstruction else None
         self.reset_parameters()
+        # A plain attribute, not a wrapper module: state_dict keys (checkpoints) stay the same.
+        self._compiled = torch.compile(self._forward) if cfg.compile else None
 
     def reset_parameters(self) -> None:
         """The reference's initialisation: truncated normal (conv1 0.05, others 0.1), biases 0.1.
@@ -168,7 +176,23 @@ class CapsNet(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
         """images (B, C, H, W) in [0, 1]; labels (B,) or (B, T) mask the decoder in training.
         In evaluation (or without labels) the decoder is masked by the predicted classes."""
-        u_bid = self.primary(F.relu(self.conv1(images)))
+        if self._compiled is not None:
+            try:
+                return self._compiled(images, labels)
+            except torch._dynamo.exc.TorchDynamoException as err:
+                # No C++ compiler, an unsupported backend, ...: the eager model is the same model.
+                warnings.warn(
+                    f"model.compile=true: torch.compile failed, running eager ({err!r:.300})",
+                    stacklevel=2,
+                )
+                self._compiled = None
+        return self._forward(images, labels)
+
+    def _forward(self, images: torch.Tensor, labels: torch.Tensor | None) -> ModelOutput:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        # In-place ReLU: conv1's backward needs its input, not its output (saves a 26 MB write).
+        u_bid = self.primary(F.relu(self.conv1(images), inplace=True))
         v_bjd, c_bij = self.classes(u_bid)
         out = ModelOutput(lengths=safe_norm(v_bjd, dim=-1), poses=v_bjd, coupling=c_bij)
         if self.decoder is not None:

@@ -3,9 +3,24 @@
 For each input capsule i the coupling coefficients c_ij are a softmax over the OUTPUT capsules j
 (several public ports put this softmax on the wrong axis). Gradients flow through every iteration
 unless `detach` is set (a popular port's variant, offered as `model.routing_detach`).
+
+Why it is written by hand (issue 6): routing is memory-bound. The votes û (B, I, J, D) are the
+one large tensor (47 MB for MNIST at batch 64); everything else is small. So
+- the votes are written once, by one batched matmul with I as the batch dim, and every weighted
+  sum s_j = Σ_i c_ij û_j|i and agreement û_j|i · v_j reads them through a (N = B·J, I, D) view as a
+  batched matrix-vector product: one pass each, no (B, I, J, D) temporaries;
+- the first iteration's couplings are uniform, so its weighted sum is one GEMM on the inputs
+  (Σ_i W_i u_i / J) and needs no pass over the votes (routing_iters=1 never builds them at all);
+- the backward pass is explicit: the votes' gradient Σ_r c_r ⊗ g_s_r + g_a_r ⊗ v_r is one bmm
+  with 2R − 2 rank-1 terms, written once (autograd writes and adds a full-size tensor per use).
+Routing runs in fp32 whatever the inputs' dtype (bf16 autocast included): the agreement logits
+accumulate over iterations. tests/unit/test_routing_reference.py checks values and gradients
+against a naive implementation.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +31,25 @@ from capsdist.models.capsule_ops import squash
 def coupling_coefficients(logits_bij: torch.Tensor, leaky: bool) -> torch.Tensor:
     """c_ij = softmax_j(b_ij). Leaky: an extra all-zero "orphan" logit joins the softmax and its
     column is dropped, so each input's coefficients over the real classes sum to less than 1."""
+    return _softmax_classes(logits_bij, leaky, dim=-1)
+
+
+def _softmax_classes(logits: torch.Tensor, leaky: bool, dim: int) -> torch.Tensor:
     if not leaky:
-        return F.softmax(logits_bij, dim=-1)
-    orphan = torch.zeros_like(logits_bij[..., :1])
-    return F.softmax(torch.cat([orphan, logits_bij], dim=-1), dim=-1)[..., 1:]
+        return F.softmax(logits, dim=dim)
+    orphan = torch.zeros_like(logits.narrow(dim, 0, 1))
+    full = F.softmax(torch.cat([orphan, logits], dim=dim), dim=dim)
+    return full.narrow(dim, 1, logits.shape[dim]).contiguous()
+
+
+def routing_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs (fp64 stays fp64, for tests)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def uniform_share(num_classes: int, leaky: bool) -> float:
+    """The first iteration's coupling coefficient: softmax of all-zero logits."""
+    return 1.0 / (num_classes + 1 if leaky else num_classes)
 
 
 def route(
@@ -33,19 +63,217 @@ def route(
 
     votes_bijd: (B, I, J, D) predictions of each input capsule for each output capsule.
     bias_jd:    (J, D) added to the weighted sum before squashing (as the reference).
-    Returns (v_bjd, c_bij): output capsules (B, J, D) of the last iteration and the coupling
-    coefficients (B, I, J) that produced them.
+    Returns (v_bjd, c_bij): output capsules (B, J, D) of the last iteration (fp32, or fp64 for
+    fp64 votes) and the
+    coupling coefficients (B, I, J) that produced them.
+    (The CapsNet itself calls `route_capsules`, which never builds this (B, I, J, D) layout.)
     """
-    # Routing stays in fp32 under bf16 autocast: the agreement logits accumulate over iterations.
-    votes_bijd = votes_bijd.float()
-    bias_jd = bias_jd.float()
-    logits_bij = votes_bijd.new_zeros(votes_bijd.shape[:3])
-    for it in range(num_iters):
-        last = it == num_iters - 1
-        votes = votes_bijd if (last or not detach) else votes_bijd.detach()
-        c_bij = coupling_coefficients(logits_bij, leaky)
-        s_bjd = torch.einsum("bij,bijd->bjd", c_bij, votes) + bias_jd
-        v_bjd = squash(s_bjd)
-        if not last:
-            logits_bij = logits_bij + torch.einsum("bijd,bjd->bij", votes, v_bjd)
-    return v_bjd, c_bij
+    dtype = routing_dtype(votes_bijd)
+    votes_bjid = votes_bijd.to(dtype).permute(0, 2, 1, 3).contiguous()  # (B, J, I, D)
+    return _RouteVotes.apply(votes_bjid, bias_jd.to(dtype), num_iters, leaky, detach)
+
+
+def route_capsules(
+    u_bik: torch.Tensor,
+    weight_ikn: torch.Tensor,
+    bias_jd: torch.Tensor,
+    num_iters: int,
+    leaky: bool = False,
+    detach: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Votes û_{j|i} = W_ij u_i and routing in one step (the class-capsule layer).
+
+    u_bik: (B, I, Din) input capsules; weight_ikn: (I, Din, J·D); bias_jd: (J, D).
+    Returns (v_bjd, c_bij) as `route(votes, ...)` would, in fp32 (fp64 for fp64 inputs).
+    """
+    return _RouteCapsules.apply(u_bik, weight_ikn, bias_jd, num_iters, leaky, detach)
+
+
+# ---- shared forward / backward of the routing loop --------------------------------------------
+# votes_nid: a (N = B·J, I, D) view of the votes (contiguous or strided); couplings and logits
+# are kept as (B, J, I) so that `.view(N, 1, I)` feeds bmm directly.
+
+
+@dataclass
+class _Trace:
+    """What the backward pass needs from each iteration r = 0..R-1."""
+
+    s: list[torch.Tensor] = field(default_factory=list)  # (B, J, D) pre-squash sums
+    v: list[torch.Tensor] = field(default_factory=list)  # (B, J, D) squashed outputs
+    c: list[torch.Tensor] = field(default_factory=list)  # (B, J, I) couplings, r >= 1
+
+
+def _route_forward(votes_nid, s0_bjd, bias_jd, num_iters, leaky):
+    """Iterations 1..R-1 after the first (whose sum s0 includes the bias), traced."""
+    trace = _Trace(s=[s0_bjd], v=[squash(s0_bjd)])
+    if num_iters == 1:
+        return trace
+    b, j, d = s0_bjd.shape
+    n, i, _ = votes_nid.shape
+    logits_bji = None
+    for _ in range(1, num_iters):
+        agree_bji = torch.bmm(votes_nid, trace.v[-1].view(n, d, 1)).view(b, j, i)  # û · v
+        logits_bji = agree_bji if logits_bji is None else logits_bji + agree_bji
+        c_bji = _softmax_classes(logits_bji, leaky, dim=1)
+        s_bjd = torch.bmm(c_bji.view(n, 1, i), votes_nid).view(b, j, d) + bias_jd
+        trace.s.append(s_bjd)
+        trace.v.append(squash(s_bjd))
+        trace.c.append(c_bji)
+    return trace
+
+
+def _squash_backward(s: torch.Tensor, grad_v: torch.Tensor) -> torch.Tensor:
+    # Small (B, J, D) tensors: let autograd differentiate the very squash the forward used.
+    with torch.enable_grad():
+        s = s.detach().requires_grad_(True)
+        (grad_s,) = torch.autograd.grad(squash(s), s, grad_v)
+    return grad_s
+
+
+def _route_backward(votes_nid, trace, grad_v, grad_c_bji, detach):
+    """Returns (grad_votes (B, J, I, D) or None, grad_s0 (B, J, D), grad_bias (J, D)).
+
+    grad_s0 is the gradient of the first iteration's sum; its path to the votes (uniform
+    couplings) is left to the caller. With `detach` only the last iteration reaches the votes;
+    the bias still receives gradients through every iteration, as with autograd.
+    """
+    num_iters = len(trace.s)
+    b, j, d = grad_v.shape
+    n, i = b * j, (votes_nid.shape[1] if num_iters > 1 else 0)
+    p_cols: list[torch.Tensor] = []  # (B, J, I) coefficients of rank-1 terms of grad_votes
+    q_rows: list[torch.Tensor] = []  # (B, J, D) their pose-space factors
+    grad_logits = None  # running Σ of the softmax gradients of the later iterations
+    grad_bias = torch.zeros_like(grad_v[0])
+    for r in reversed(range(num_iters)):
+        grad_s = _squash_backward(trace.s[r], grad_v)
+        grad_bias = grad_bias + grad_s.sum(0)
+        if r == 0:
+            break
+        last = r == num_iters - 1
+        c_bji = trace.c[r - 1]
+        if last or not detach:
+            p_cols.append(c_bji)
+            q_rows.append(grad_s)
+        grad_c = torch.bmm(votes_nid, grad_s.view(n, d, 1)).view(b, j, i)
+        if last and grad_c_bji is not None:
+            grad_c = grad_c + grad_c_bji
+        # softmax backward over the classes; the leaky orphan column drops out of the formula.
+        grad_x = c_bji * (grad_c - (c_bji * grad_c).sum(1, keepdim=True))
+        grad_logits = grad_x if grad_logits is None else grad_logits + grad_x
+        # logits after iteration r-1 include the agreement û · v_{r-1}: its gradient is grad_logits.
+        grad_v = torch.bmm(grad_logits.view(n, 1, i), votes_nid).view(b, j, d)
+        if not detach:
+            p_cols.append(grad_logits)
+            q_rows.append(trace.v[r - 1])
+    grad_votes = None
+    if p_cols:
+        k = len(p_cols)
+        p_nik = torch.stack(p_cols, dim=-1).view(n, i, k)
+        q_nkd = torch.stack(q_rows, dim=2).view(n, k, d)
+        grad_votes = torch.bmm(p_nik, q_nkd).view(b, j, i, d)  # written once
+    return grad_votes, grad_s, grad_bias
+
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+class _RouteVotes(torch.autograd.Function):
+    """Routing of given votes laid out (B, J, I, D), contiguous."""
+
+    @staticmethod
+    def forward(ctx, votes_bjid, bias_jd, num_iters, leaky, detach):
+        b, j, i, d = votes_bjid.shape
+        share = uniform_share(j, leaky)
+        with _no_autocast(votes_bjid.device.type):
+            votes_nid = votes_bjid.view(b * j, i, d)
+            s0 = votes_bjid.sum(2) * share + bias_jd
+            trace = _route_forward(votes_nid, s0, bias_jd, num_iters, leaky)
+        ctx.trace, ctx.share, ctx.detach = trace, share, detach
+        ctx.save_for_backward(votes_bjid)
+        ctx.set_materialize_grads(False)
+        coupling = trace.c[-1] if trace.c else votes_bjid.new_full((b, j, i), share)
+        return trace.v[-1], coupling.transpose(1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_v, grad_c_bij):
+        (votes_bjid,) = ctx.saved_tensors
+        b, j, i, d = votes_bjid.shape
+        if grad_v is None:
+            grad_v = votes_bjid.new_zeros(b, j, d)
+        grad_c = None if grad_c_bij is None else grad_c_bij.transpose(1, 2)
+        with _no_autocast(votes_bjid.device.type):
+            votes_nid = votes_bjid.view(b * j, i, d)
+            grad_votes, grad_s0, grad_bias = _route_backward(
+                votes_nid, ctx.trace, grad_v, grad_c, ctx.detach
+            )
+            if len(ctx.trace.s) == 1 or not ctx.detach:
+                first = (grad_s0 * ctx.share)[:, :, None, :]  # (B, J, 1, D): uniform over I
+                grad_votes = first.expand(b, j, i, d) + (0 if grad_votes is None else grad_votes)
+        if grad_votes is None:
+            grad_votes = torch.zeros_like(votes_bjid)
+        return grad_votes, grad_bias, None, None, None
+
+
+class _RouteCapsules(torch.autograd.Function):
+    """Votes from (u, W) and routing; the votes exist only inside this function, laid out
+    (I, B, J, D) as the batched matmul writes them."""
+
+    @staticmethod
+    def forward(ctx, u_bik, weight_ikn, bias_jd, num_iters, leaky, detach):
+        b, i, k = u_bik.shape
+        j, d = bias_jd.shape
+        share = uniform_share(j, leaky)
+        with _no_autocast(u_bik.device.type):
+            dtype = routing_dtype(u_bik)
+            u, weight, bias = u_bik.to(dtype), weight_ikn.to(dtype), bias_jd.to(dtype)
+            # Iteration 1: Σ_i c û = share · Σ_i W_i u_i, one (B, I·Din) × (I·Din, J·D) GEMM.
+            s0 = (u.reshape(b, i * k) @ weight.reshape(i * k, j * d)).view(b, j, d)
+            s0 = s0 * share + bias
+            votes_nid = None
+            if num_iters > 1:
+                votes_ibn = torch.bmm(u.transpose(0, 1), weight)  # (I, B, J·D): the one pass
+                votes_nid = votes_ibn.view(i, b * j, d).transpose(0, 1)  # (N, I, D) view
+            trace = _route_forward(votes_nid, s0, bias, num_iters, leaky)
+        ctx.trace, ctx.share, ctx.detach, ctx.votes_nid = trace, share, detach, votes_nid
+        ctx.dtypes = (u_bik.dtype, weight_ikn.dtype, bias_jd.dtype)
+        ctx.save_for_backward(u, weight)
+        ctx.set_materialize_grads(False)
+        coupling = trace.c[-1] if trace.c else u.new_full((b, j, i), share)
+        return trace.v[-1], coupling.transpose(1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_v, grad_c_bij):
+        u, weight = ctx.saved_tensors  # fp32 (B, I, Din), (I, Din, J·D)
+        b, i, k = u.shape
+        j, d = ctx.trace.s[0].shape[1:]
+        if grad_v is None:
+            grad_v = u.new_zeros(b, j, d)
+        grad_c = None if grad_c_bij is None else grad_c_bij.transpose(1, 2)
+        with _no_autocast(u.device.type):
+            grad_u = torch.zeros_like(u)
+            grad_w = torch.zeros_like(weight)
+            grad_votes, grad_s0, grad_bias = _route_backward(
+                ctx.votes_nid, ctx.trace, grad_v, grad_c, ctx.detach
+            )
+            if len(ctx.trace.s) == 1 or not ctx.detach:
+                g0 = grad_s0.reshape(b, j * d) * ctx.share  # (B, J·D)
+                grad_u += (g0 @ weight.reshape(i * k, j * d).t()).view(b, i, k)
+                grad_w += (u.reshape(b, i * k).t() @ g0).view(i, k, j * d)
+            if grad_votes is not None:
+                _votes_backward(grad_votes, u, weight, grad_u, grad_w)
+        u_dtype, w_dtype, b_dtype = ctx.dtypes
+        return grad_u.to(u_dtype), grad_w.to(w_dtype), grad_bias.to(b_dtype), None, None, None
+
+
+def _votes_backward(grad_bjid, u_bik, weight_ikn, grad_u_bik, grad_w_ikn) -> None:
+    """Accumulate the gradients of û = bmm(u, W) from a (B, J, I, D) votes gradient.
+
+    One copy into the (I, B, J·D) layout of the forward bmm, then two contiguous bmms. (Reading
+    the (B, J, I, D) gradient in place, one class at a time through strided (I, B, D) views,
+    avoids the copy but measured 3x slower: each 64-byte row is a cache-line jump.)
+    """
+    b, j, i, d = grad_bjid.shape
+    grad_ibn = grad_bjid.permute(2, 0, 1, 3).reshape(i, b, j * d)  # (I, B, J·D)
+    grad_w_ikn += torch.bmm(u_bik.permute(1, 2, 0), grad_ibn)  # (I, Din, B) @ (I, B, J·D)
+    grad_u_bik += torch.bmm(grad_ibn, weight_ikn.transpose(1, 2)).transpose(0, 1)
