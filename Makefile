@@ -48,7 +48,7 @@ BENCH_ARGS ?= train.batch_size=64
 bench: install
 	mkdir -p $(BENCH_OUT)
 	for cfg in mnist cifar10; do for prec in fp32 bf16; do \
-	  WANDB_MODE=disabled $(CAPSDIST) bench model -c configs/$$cfg.yaml ds.precision=$$prec \
+	  WANDB_MODE=disabled $(PY) -m capsdist bench model -c configs/$$cfg.yaml ds.precision=$$prec \
 	    --compare-plain $(BENCH_ARGS) > $(BENCH_OUT)/$$cfg-$$prec.log || exit 1; \
 	  tail -n 1 $(BENCH_OUT)/$$cfg-$$prec.log > $(BENCH_OUT)/$$cfg-$$prec.json; \
 	done; done
