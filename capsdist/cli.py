@@ -61,7 +61,19 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except UserError as err:
         print(f"capsdist {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _exit(2)
     if os.environ.get("RANK", "0") == "0":  # one result line per job, not one per rank
         print(json.dumps({k: _json_safe(v) for k, v in result.items()}), flush=True)
-    return 0
+    return _exit(0)
+
+
+def _exit(code: int) -> int:
+    """In a multi-process job, leave without running C++ static destructors. Workaround: a rank
+    that had finished cleanly (process group already destroyed, results written) was seen to
+    abort at interpreter exit ("terminate called without an active exception", torch 2.13 +
+    gloo + DeepSpeed), which torchrun reports as a failed job."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
