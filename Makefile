@@ -48,8 +48,8 @@ BENCH_ARGS ?= train.batch_size=64
 bench: install
 	mkdir -p $(BENCH_OUT)
 	for cfg in mnist cifar10; do for prec in fp32 bf16; do \
-	  WANDB_MODE=disabled $(PY) -m capsdist bench model -c configs/$$cfg.yaml ds.precision=$$prec \
-	    --compare-plain $(BENCH_ARGS) > $(BENCH_OUT)/$$cfg-$$prec.log || exit 1; \
+	  WANDB_MODE=disabled $(PY) -m capsdist bench model --compare-plain -c configs/$$cfg.yaml \
+	    ds.precision=$$prec $(BENCH_ARGS) > $(BENCH_OUT)/$$cfg-$$prec.log || exit 1; \
 	  tail -n 1 $(BENCH_OUT)/$$cfg-$$prec.log > $(BENCH_OUT)/$$cfg-$$prec.json; \
 	done; done
 	$(PY) -m capsdist.bench.report $(BENCH_OUT)/mnist-fp32.json $(BENCH_OUT)/mnist-bf16.json \

@@ -72,7 +72,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     model = build_model(cfg.model).to(device).train()
     batch = _random_batch(cfg, device)
     step = _training_step(model, cfg, batch, optimizer_kind)
-    floor = _conv_floor(model, batch[0])
+    floor = _conv_floor(model, batch[0], bf16=cfg.ds.precision == "bf16")
     bar = ProgressBar(total=warmup + steps * (2 if args.compare_plain else 1), desc="bench")
     step_s, floor_s = _timed_rounds(step, floor, warmup, steps, device, bar)
     peak_mb = _peak_memory_mb(device)
@@ -147,15 +147,17 @@ def _training_step(model, cfg: Config, batch, optimizer_kind: str, plain: bool =
     return step
 
 
-def _conv_floor(model, images: torch.Tensor):
-    """conv1 + primary conv, forward and backward, on the model's own modules (and layout)."""
+def _conv_floor(model, images: torch.Tensor, bf16: bool):
+    """conv1 + primary conv, forward and backward, on the model's own modules (and layout), in
+    the step's precision (under bf16 autocast for bf16, as the step runs them)."""
     conv1, primary = model.conv1, model.primary.conv
 
     def floor() -> None:
         x = images
         if getattr(model, "channels_last", False):
             x = x.contiguous(memory_format=torch.channels_last)
-        out = primary(conv1(x))
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = primary(conv1(x))
         out.backward(torch.ones_like(out))
         for p in (conv1.weight, conv1.bias, primary.weight):
             p.grad = None
