@@ -85,17 +85,10 @@ def write_meta(out: Path, meta: dict[str, Any]) -> Path:
 
 def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of `images / 255` for uint8 (N, H, W, C), in float64 chunks."""
-    channels = images.shape[-1]
-    total = np.zeros(channels)
-    total_sq = np.zeros(channels)
+    stats = StatsAccumulator()
     for start in range(0, len(images), chunk):
-        x = images[start : start + chunk].reshape(-1, channels).astype(np.float64)
-        total += x.sum(axis=0)
-        total_sq += np.square(x).sum(axis=0)
-    count = images.size // channels
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-    return [round(float(m) / 255, 6) for m in mean], [round(float(s) / 255, 6) for s in std]
+        stats.add(images[start : start + chunk])
+    return stats.result()
 
 
 def _check_arrays(splits: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int) -> None:
@@ -166,13 +159,25 @@ def write_array_dataset(
             for name, (_, labels) in splits.items()
         },
         "fingerprint": fingerprint,
-        "shards": {s.name: s.sha256 for shards in written.values() for s in shards},
-        "shard_sizes": {s.name: s.num_samples for shards in written.values() for s in shards},
     }
+    return _publish(out, meta, written, old_meta, started)
+
+
+def _publish(
+    out: Path,
+    meta: dict[str, Any],
+    written: dict[str, list[ShardInfo]],
+    old_meta: dict | None,
+    started: float,
+) -> dict[str, Any]:
+    """Add the written shards to `meta`, write meta.json (last: it marks the folder complete),
+    drop shards of an earlier sharding, and return the command's summary."""
+    meta["shards"] = {s.name: s.sha256 for shards in written.values() for s in shards}
+    meta["shard_sizes"] = {s.name: s.num_samples for shards in written.values() for s in shards}
     write_meta(out, meta)
     _remove_stale_shards(out, old_meta, meta)
     return {
-        "dataset": dataset,
+        "dataset": meta["dataset"],
         "out": str(out),
         "splits": meta["splits"],
         "num_shards": len(meta["shards"]),
@@ -275,15 +280,5 @@ def write_sample_stream(
         "std": std,
         "label_counts": {name: c.tolist() for name, c in counts.items()},
         "fingerprint": fingerprint,
-        "shards": {s.name: s.sha256 for shards in written.values() for s in shards},
-        "shard_sizes": {s.name: s.num_samples for shards in written.values() for s in shards},
     }
-    write_meta(out, meta)
-    _remove_stale_shards(out, old_meta, meta)
-    return {
-        "dataset": dataset,
-        "out": str(out),
-        "splits": meta["splits"],
-        "num_shards": len(meta["shards"]),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    return _publish(out, meta, written, old_meta, started)
