@@ -4,9 +4,8 @@
     RAY_ADDRESS=ray://head:10001 python launch/ray_train.py ...   # on a running Ray cluster
     ray job submit --working-dir . -- python launch/ray_train.py --num-workers 16 -c ...
 
-Ray Train starts the workers, sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR and joins them in
-a torch process group; each worker then runs the very same training loop as every other
-launcher. run.dir and data.root must be on storage every node can see.
+Each worker runs the very same training loop as every other launcher (capsdist/tune/ray_train.py
+builds the TorchTrainer). run.dir and data.root must be on storage every node can see.
 """
 
 from __future__ import annotations
@@ -17,10 +16,9 @@ import os
 
 import ray
 import torch
-from ray.train import RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from capsdist.config import load_config
+from capsdist.tune.ray_train import torch_trainer
 
 
 def train_worker(config: dict) -> None:
@@ -43,18 +41,15 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     cfg.data.root = os.path.abspath(cfg.data.root) if cfg.data.root else ""
     cfg.run.dir = os.path.abspath(cfg.run.dir)
-    use_gpu = torch.cuda.is_available()
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         train_worker,
-        train_loop_config={"cfg": cfg},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=args.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": args.cpus_per_worker},
-        ),
-        run_config=RunConfig(name="capsdist", storage_path=os.path.join(cfg.run.dir, "ray")),
+        {"cfg": cfg},
+        num_workers=args.num_workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=1.0 if torch.cuda.is_available() else 0.0,
+        name="capsdist",
+        storage_path=os.path.join(cfg.run.dir, "ray"),
     )
     trainer.fit()
 

@@ -4,7 +4,7 @@
 loop needs `capsdist.eval`; importing the loop here would make that a cycle.
 """
 
-__all__ = ["NonFiniteLossError", "run_training"]
+__all__ = ["NonFiniteLossError", "on_every_rank", "run_training"]
 
 
 def __getattr__(name: str):

@@ -45,9 +45,16 @@ from capsdist.train.step import (
     train_step,
 )
 
-# Called on the main rank with (step, metrics, model) after every log line: Ray Tune reports
-# this way, and figures are drawn from the live model.
+# Called with (step, metrics, model) after every log line, on the main rank only unless marked
+# with `on_every_rank`: Ray Tune reports this way, and figures are drawn from the live model.
 Callback = Callable[[int, dict[str, float], torch.nn.Module], None]
+
+
+def on_every_rank(callback: Callback) -> Callback:
+    """Run `callback` on every rank, not only the main one. Ray Train's report is a barrier
+    that every worker must reach; the metrics (eval scores included) are the same on all."""
+    callback.every_rank = True
+    return callback
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -169,10 +176,10 @@ def train_loop(t: Trainer, start_step: int) -> dict:
                 metrics["data_skipped"] = sum_over_ranks(t.reader.num_skipped)
             if t.eval_reader and (step % cfg.train.eval_every == 0 or last):
                 metrics.update(evaluate_on_main(t))
-            if t.env.is_main:
-                for sink in t.sinks:
-                    sink.log(step, metrics)
-                for callback in t.callbacks:
+            for sink in t.sinks:  # only the main rank has sinks
+                sink.log(step, metrics)
+            for callback in t.callbacks:
+                if t.env.is_main or getattr(callback, "every_rank", False):
                     callback(step, metrics, engine.module)
         if t.bar:
             t.bar.update(
@@ -199,13 +206,16 @@ def train_loop(t: Trainer, start_step: int) -> dict:
 
 
 def evaluate_on_main(t: Trainer) -> dict[str, float]:
-    """Evaluate the live model on the main rank; the others wait at the barrier."""
+    """Evaluate the live model on the main rank and hand its scores to every rank (the others
+    wait in the broadcast), so every rank logs and reports the same metrics."""
     scores = {}
     if t.env.is_main:
         result = evaluate(t.engine.module, t.eval_reader, t.cfg, desc="validate")
         scores = {"eval_accuracy": result["accuracy"], "eval_loss": result["loss"]}
     if dist.is_initialized():
-        dist.barrier()
+        shared = [scores]
+        dist.broadcast_object_list(shared, src=0)
+        scores = shared[0]
     return scores
 
 

@@ -52,9 +52,14 @@ class SweepConfig:
     num_samples: int = 1
     """Samples of the space: repeats of the whole grid; draws of the random parts."""
     cpus_per_trial: float = 1.0
-    """CPUs Ray reserves per trial (fractional allowed: 0.5 runs two trials on one core)."""
+    """CPUs Ray reserves per trial, per worker if workers_per_trial > 1 (fractional allowed:
+    0.5 runs two trials on one core)."""
     gpus_per_trial: float = 0.0
-    """GPUs Ray reserves per trial (fractional allowed: 0.5 shares one GPU between two trials)."""
+    """GPUs Ray reserves per trial, per worker if workers_per_trial > 1 (fractional allowed:
+    0.5 shares one GPU between two trials)."""
+    workers_per_trial: int = 1
+    """Ray Train workers per trial, training data parallel (DeepSpeed across them, gloo on CPU,
+    NCCL on GPU); 1 = each trial trains in its own Tune process."""
     max_concurrent_trials: int = 0
     """Trials running at once; 0 = as many as the resources allow."""
     ray_num_cpus: int = 0
@@ -73,10 +78,15 @@ class SweepConfig:
             raise SweepError(f"sweep.mode must be max or min, got {self.mode!r}")
         if self.scheduler not in ("fifo", "asha"):
             raise SweepError(f"sweep.scheduler must be fifo or asha, got {self.scheduler!r}")
-        if self.num_samples < 1 or self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+        if (
+            self.num_samples < 1
+            or self.cpus_per_trial <= 0
+            or self.gpus_per_trial < 0
+            or self.workers_per_trial < 1
+        ):
             raise SweepError(
                 "sweep.num_samples must be >= 1, sweep.cpus_per_trial > 0, "
-                "sweep.gpus_per_trial >= 0"
+                "sweep.gpus_per_trial >= 0, sweep.workers_per_trial >= 1"
             )
 
 

@@ -51,6 +51,9 @@ def _trial_base(spec: SweepSpec) -> TrialBase:
         group=spec.sweep.name,
         tags=("sweep", spec.sweep.name),
         figures=spec.sweep.figures,
+        workers=spec.sweep.workers_per_trial,
+        cpus_per_worker=spec.sweep.cpus_per_trial,
+        gpus_per_worker=spec.sweep.gpus_per_trial,
     )
 
 
@@ -72,9 +75,16 @@ def _scheduler(spec: SweepSpec):
 def _tuner(spec: SweepSpec, resume: bool, bar_callback):
     from ray import tune
 
+    if spec.sweep.workers_per_trial == 1:
+        resources = {"cpu": spec.sweep.cpus_per_trial, "gpu": spec.sweep.gpus_per_trial}
+    else:
+        # Workaround: the trial's own process only waits on its Ray Train workers, which reserve
+        # their CPUs/GPUs in a placement group of their own; Tune refuses an all-zero request,
+        # so the trial asks for one byte of memory (any CPU share would leave a machine whose
+        # CPUs the workers fill exactly waiting forever).
+        resources = {"memory": 1}
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base=_trial_base(spec)),
-        {"cpu": spec.sweep.cpus_per_trial, "gpu": spec.sweep.gpus_per_trial},
+        tune.with_parameters(train_trial, base=_trial_base(spec)), resources
     )
     state = spec.dir / EXPERIMENT
     if resume:
@@ -97,7 +107,7 @@ def _tuner(spec: SweepSpec, resume: bool, bar_callback):
             mode=spec.sweep.mode,
             scheduler=_scheduler(spec),
             num_samples=spec.sweep.num_samples,
-            max_concurrent_trials=spec.sweep.max_concurrent_trials or None,
+            max_concurrent_trials=_max_concurrent_trials(spec),
             time_budget_s=spec.sweep.time_budget_s or None,
             reuse_actors=False,  # a fresh process per trial: no rendezvous state carried over
         ),
@@ -108,6 +118,45 @@ def _tuner(spec: SweepSpec, resume: bool, bar_callback):
             verbose=0,  # our progress bar on stderr; stdout keeps the table and the JSON line
         ),
     )
+
+
+def _max_concurrent_trials(spec: SweepSpec) -> int | None:
+    """sweep.max_concurrent_trials, or for multi-worker trials as many as the cluster's CPUs
+    and GPUs hold: their Tune processes reserve nothing, so Tune alone would start every
+    trial at once, each waiting for its workers' resources."""
+    import ray
+
+    sweep = spec.sweep
+    if sweep.max_concurrent_trials:
+        return sweep.max_concurrent_trials
+    if sweep.workers_per_trial == 1:
+        return None  # each trial reserves its CPUs/GPUs: Tune packs them itself
+    total = ray.cluster_resources()
+    fits = total.get("CPU", 0) // (sweep.workers_per_trial * sweep.cpus_per_trial)
+    if sweep.gpus_per_trial:
+        fits = min(fits, total.get("GPU", 0) // (sweep.workers_per_trial * sweep.gpus_per_trial))
+    return max(int(fits), 1)
+
+
+def _check_trial_fits(spec: SweepSpec) -> None:
+    """A trial asking for more than the local Ray instance has would wait forever."""
+    import ray
+
+    sweep = spec.sweep
+    if sweep.ray_address:
+        return  # an autoscaling cluster may grow to fit
+    total = ray.cluster_resources()
+    need = {
+        "CPU": sweep.workers_per_trial * sweep.cpus_per_trial,
+        "GPU": sweep.workers_per_trial * sweep.gpus_per_trial,
+    }
+    for name, amount in need.items():
+        if amount > total.get(name, 0) + 1e-9:
+            raise SweepError(
+                f"one trial needs {amount:g} {name}s (sweep.workers_per_trial="
+                f"{sweep.workers_per_trial} x sweep.{name.lower()}s_per_trial) but Ray has "
+                f"{total.get(name, 0):g}: lower them, or raise sweep.ray_num_cpus"
+            )
 
 
 def _init_ray(spec: SweepSpec) -> None:
@@ -152,6 +201,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> dict:
     interrupted = _InterruptWatch()
     logging.getLogger("ray.tune.tune").addHandler(interrupted)
     try:
+        _check_trial_fits(spec)
         # Tune prints its own status boxes even at verbose=0: keep stdout for table and JSON.
         with contextlib.redirect_stdout(sys.stderr):
             grid = _tuner(spec, resume, progress.TrialProgress()).fit()

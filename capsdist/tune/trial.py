@@ -1,5 +1,10 @@
-"""One sweep trial, inside a Ray worker: the same `run_training` as `capsdist train`, with the
-trial's values as config overrides, reporting to Ray Tune from the training callback."""
+"""One sweep trial: the same `run_training` as `capsdist train`, with the trial's values as
+config overrides, reporting to Ray Tune from the training callback.
+
+With `sweep.workers_per_trial` = 1 the trial trains inside its Tune process. With more, the Tune
+process only drives a Ray Train run of that many workers (DeepSpeed data parallel across them);
+every worker reports to Ray Train, which hands rank 0's metrics on to Tune.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +33,10 @@ class TrialBase:
     group: str
     tags: tuple[str, ...] = field(default_factory=tuple)
     figures: bool = False
+    workers: int = 1
+    """Ray Train workers per trial; 1 = train in the Tune trial's own process."""
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
 
     def trial_overrides(self, params: dict, trial_id: str) -> list[str]:
         """Fixed overrides, then the trial's values, then where it writes and how W&B files it."""
@@ -46,25 +55,54 @@ def train_trial(params: dict, base: TrialBase) -> None:
     """Ray Tune function trainable: train one config, report `base.metric` as it goes."""
     from ray import tune
 
-    from capsdist.train import run_training
-
-    for key in RENDEZVOUS_VARS:
-        os.environ.pop(key, None)
     trial_id = tune.get_context().get_trial_id()
     cfg = load_config(base.configs, base.trial_overrides(params, trial_id))
+    if base.workers == 1:
+        for key in RENDEZVOUS_VARS:
+            os.environ.pop(key, None)
+        train_and_report({"cfg": cfg, "base": base}, tune.report)
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from capsdist.tune.ray_train import torch_trainer
+
+    torch_trainer(
+        _ray_train_worker,
+        {"cfg": cfg, "base": base},
+        num_workers=base.workers,
+        cpus_per_worker=base.cpus_per_worker,
+        gpus_per_worker=base.gpus_per_worker,
+        name=trial_id,
+        storage_path=str(Path(cfg.run.dir) / "ray"),
+        callbacks=[TuneReportCallback()],
+    ).fit()
+
+
+def _ray_train_worker(config: dict) -> None:
+    import ray.train
+
+    train_and_report(config, ray.train.report)
+
+
+def train_and_report(config: dict, report) -> None:
+    """Run the training loop; `report` the metrics of every log line that has `base.metric`."""
+    from capsdist.train import on_every_rank, run_training
+
+    cfg, base = config["cfg"], config["base"]
     reported = []
 
-    def report(step: int, metrics: dict[str, float], model) -> None:
+    @on_every_rank  # Ray Train's report waits for every worker; rank 0's metrics go to Tune
+    def report_metrics(step: int, metrics: dict[str, float], model) -> None:
         # ASHA and the best-trial choice need the metric in every result: report only those.
         if base.metric in metrics:
-            tune.report({**metrics, "step": step, "run_dir": cfg.run.dir})
+            report({**metrics, "step": step, "run_dir": cfg.run.dir})
             reported.append(step)
 
-    callbacks = [report]
+    callbacks = [report_metrics]
     if base.figures:
         from capsdist.viz.callback import FigureCallback
 
         callbacks.insert(0, FigureCallback(cfg))
     result = run_training(cfg, callbacks=callbacks)
     if not reported:  # a trial resumed after it had finished logs nothing: report its result
-        tune.report({**result, "run_dir": cfg.run.dir})
+        report({**result, "run_dir": cfg.run.dir})

@@ -20,6 +20,7 @@ SWEEP = """\
 sweep:
   configs: [{root}/configs/debug_cpu.yaml]
   cpus_per_trial: {cpus}
+  workers_per_trial: {workers}
   max_concurrent_trials: {concurrent}
   ray_num_cpus: 2
   dir: {dir}
@@ -34,11 +35,12 @@ overrides:
 """
 
 
-def write_sweep(tmp_path, data, space, steps=10, cpus=0.5, concurrent=0) -> Path:
+def write_sweep(tmp_path, data, space, steps=10, cpus=0.5, concurrent=0, workers=1) -> Path:
     path = tmp_path / "sweep.yaml"
     text = SWEEP.format(
         root=ROOT,
         cpus=cpus,
+        workers=workers,
         concurrent=concurrent,
         dir=tmp_path / "out",
         data=data,
@@ -114,6 +116,40 @@ def test_sweep_interrupted_resumes_and_writes_table_and_best_config(mnist_sample
     assert "sweep:" in out.stderr  # the progress bar
     again = run_capsdist("sweep", "-c", sweep, timeout=60)  # no --resume: refuses to overwrite
     assert again.returncode == 2 and "--resume" in again.stderr
+
+
+@pytest.mark.slow
+def test_trial_with_two_ray_train_workers_trains_data_parallel(mnist_sample, tmp_path):
+    """workers_per_trial=2: one trial is a Ray Train run of two gloo workers; both train (each
+    its own shards, replicas equal at the end) and rank 0's validation reaches Tune."""
+    sweep = write_sweep(
+        tmp_path, mnist_sample, ["model.routing_iters: {grid: [2]}"], cpus=1, workers=2
+    )
+    out = run_capsdist("sweep", "-c", sweep, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = out.result
+    assert result["num_trials"] == 1 and result["num_errors"] == 0
+    assert 0.0 < result["best_accuracy"] <= 1.0
+    run_dir = Path(result["best_run_dir"])
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if "eval_accuracy" in m]
+    assert [m["step"] for m in evals] == [10]
+    assert evals[-1]["eval_accuracy"] == result["best_accuracy"]  # what Tune got is rank 0's
+    train = json.loads((run_dir / "train.json").read_text())
+    assert train["step"] == 10 and train["replicas_in_sync"] is True
+    plan = json.loads((run_dir / "data_plan.json").read_text())["shards_by_rank"]
+    assert len(plan) == 2 and not set(plan[0]) & set(plan[1])  # two ranks, disjoint shards
+
+
+@pytest.mark.slow
+def test_trial_needing_more_cpus_than_ray_has_is_refused(mnist_sample, tmp_path):
+    """2 workers x 1.5 CPUs on a 2-CPU Ray instance would wait forever: a clear error instead."""
+    sweep = write_sweep(
+        tmp_path, mnist_sample, ["model.routing_iters: {grid: [2]}"], cpus=1.5, workers=2
+    )
+    out = run_capsdist("sweep", "-c", sweep, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "one trial needs 3 CPUs" in out.stderr and "sweep.workers_per_trial=2" in out.stderr
 
 
 def test_shipped_sweep_files_load_and_start_with_a_comment():
