@@ -28,7 +28,9 @@ import torch
 
 from capsdist.config.schema import Config
 from capsdist.errors import UserError
+from capsdist.memory import keep_freed_memory
 from capsdist.models import build_model, compute_loss
+from capsdist.models.routing_kernels import cpu_kernels
 from capsdist.track import ProgressBar
 
 # Dense peak TFLOP/s by (device name fragment, precision), from the vendors' data sheets
@@ -64,6 +66,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     if cfg.model.name != "capsnet":
         raise UserError(f"bench model times CapsNets; model.name={cfg.model.name}")
     steps, warmup = getattr(args, "steps", 10), getattr(args, "warmup", 2)
+    freed_memory_kept = keep_freed_memory()  # as `capsdist train` does
     optimizer_kind = getattr(args, "optimizer", "fused")
     if steps < 1 or warmup < 0:
         raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
@@ -91,7 +94,13 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         "flops_per_step": flops,
         "achieved_tflops": round(flops / step_time / 1e12, 4),
         "mfu": _mfu(flops / step_time, device, cfg.ds.precision),
-        "config": _describe(cfg, args, device, optimizer_kind),
+        "config": {
+            **_describe(cfg, args, device, optimizer_kind),
+            "fused_cpu_routing": device.type == "cpu"
+            and cfg.model.fused_routing
+            and cpu_kernels() is not None,
+            "glibc_keeps_freed_memory": freed_memory_kept,
+        },
     }
     if args.compare_plain:
         plain = _plain_model(cfg, model).to(device).train()

@@ -102,6 +102,9 @@ class ModelConfig:
     where compiling fails. Weights and checkpoints are unchanged."""
     channels_last: bool = False
     """Feed the convolutions channels_last tensors (helps on GPUs; measured no gain on CPU)."""
+    fused_routing: bool = True
+    """On CPU, route with the fused C++ passes of models/routing_cpu.cpp (built with the
+    system's C++ compiler on first use, cached; torch ops where that fails). Same results."""
 
     def __post_init__(self) -> None:
         if self.name not in ("capsnet", "baseline", "baseline_paper"):

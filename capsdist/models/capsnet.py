@@ -94,10 +94,11 @@ class ClassCapsules(nn.Module):
     def __init__(self, num_inputs: int, cfg: ModelConfig):
         super().__init__()
         self.num_classes, self.dim = cfg.num_classes, cfg.class_dim
-        self.iters, self.leaky, self.detach = (
+        self.iters, self.leaky, self.detach, self.fused = (
             cfg.routing_iters,
             cfg.leaky_routing,
             cfg.routing_detach,
+            cfg.fused_routing,
         )
         # (I, Din, J·Dout) as the reference: one batched matmul over I computes every vote.
         self.weight = nn.Parameter(
@@ -113,7 +114,9 @@ class ClassCapsules(nn.Module):
 
     def forward(self, u_bid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Same result as route(self.votes(u), ...), without the (B, I, J, D) copy: see routing.py.
-        return route_capsules(u_bid, self.weight, self.bias, self.iters, self.leaky, self.detach)
+        return route_capsules(
+            u_bid, self.weight, self.bias, self.iters, self.leaky, self.detach, self.fused
+        )
 
 
 class Decoder(nn.Module):

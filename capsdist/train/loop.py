@@ -27,6 +27,7 @@ from capsdist.dist.engine import build_engine, device_for, init_process_group
 from capsdist.errors import UserError
 from capsdist.eval.evaluate import build_eval_reader, evaluate
 from capsdist.files import write_json_atomic
+from capsdist.memory import keep_freed_memory
 from capsdist.models import build_model
 from capsdist.track import JsonlSink, MetricSink, ProgressBar, WandbSink
 from capsdist.train.checkpoint import (
@@ -82,6 +83,7 @@ class Trainer:
 
 def run_training(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
     """Train `cfg` to train.max_steps (or train.time_limit_s) and export the weights."""
+    keep_freed_memory()  # before the first large allocation
     env = DistEnv.from_environ()
     run_dir = Path(cfg.run.dir)
     if not cfg.data.root:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from capsdist.config import load_config
 from capsdist.models import build_model, compute_loss
 from capsdist.models.routing import route
+from capsdist.models.routing_kernels import cpu_kernels
 
 EPS = 1e-9  # the epsilon capsdist puts inside its square roots
 
@@ -170,9 +171,16 @@ VARIANTS = {
 }
 
 
+def test_fused_cpu_routing_builds_here():
+    """The fused C++ passes build on this machine (else every run warns and routes on torch
+    ops, and the tests below would check only one path)."""
+    assert cpu_kernels() is not None
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_cpu", "torch_ops"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_fast_capsnet_equals_plain_reference_values_and_gradients(variant):
-    cfg, fast, plain = build_pair(VARIANTS[variant])
+def test_fast_capsnet_equals_plain_reference_values_and_gradients(variant, fused):
+    cfg, fast, plain = build_pair([*VARIANTS[variant], f"model.fused_routing={fused}"])
     h, w, c = cfg.model.image_shape
     torch.manual_seed(1)
     images = torch.rand(5, c, h, w, dtype=torch.float64)
@@ -232,8 +240,10 @@ def test_route_equals_plain_routing_with_gradients(leaky, detach, iters):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=name)
 
 
-def test_fp32_matches_fp64_reference_to_float_tolerance():
-    cfg, fast, plain = build_pair(["model.leaky_routing=true"], dtype=torch.float32, seed=3)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_cpu", "torch_ops"])
+def test_fp32_matches_fp64_reference_to_float_tolerance(fused):
+    overrides = ["model.leaky_routing=true", f"model.fused_routing={fused}"]
+    cfg, fast, plain = build_pair(overrides, dtype=torch.float32, seed=3)
     plain64 = PlainCapsNet(cfg.model).double()
     plain64.load_state_dict(fast.state_dict())
     images, labels = torch.rand(8, 1, 28, 28), torch.arange(8)
