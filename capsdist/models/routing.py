@@ -98,9 +98,7 @@ def route_capsules(
     return _RouteCapsules.apply(u_bik, weight_ikn, bias_jd, num_iters, leaky, detach, kernels)
 
 
-# ---- shared forward / backward of the routing loop --------------------------------------------
-# votes_nid: a (N = B·J, I, D) view of the votes (contiguous or strided); couplings and logits
-# are kept as (B, J, I) so that `.view(N, 1, I)` feeds bmm directly.
+# ---- the routing loop, shared by both implementations of one iteration ------------------------
 
 
 @dataclass
@@ -112,19 +110,13 @@ class _Trace:
     c: list[torch.Tensor] = field(default_factory=list)  # (B, J, I) couplings, r >= 1
 
 
-def _route_forward(votes_nid, s0_bjd, bias_jd, num_iters, leaky):
+def _route_forward(passes, s0_bjd, bias_jd, num_iters):
     """Iterations 1..R-1 after the first (whose sum s0 includes the bias), traced."""
     trace = _Trace(s=[s0_bjd], v=[squash(s0_bjd)])
-    if num_iters == 1:
-        return trace
-    b, j, d = s0_bjd.shape
-    n, i, _ = votes_nid.shape
     logits_bji = None
     for _ in range(1, num_iters):
-        agree_bji = torch.bmm(votes_nid, trace.v[-1].view(n, d, 1)).view(b, j, i)  # û · v
-        logits_bji = agree_bji if logits_bji is None else logits_bji + agree_bji
-        c_bji = _softmax_classes(logits_bji, leaky, dim=1)
-        s_bjd = torch.bmm(c_bji.view(n, 1, i), votes_nid).view(b, j, d) + bias_jd
+        c_bji, sum_bjd, logits_bji = passes.forward(trace.v[-1], logits_bji)
+        s_bjd = sum_bjd + bias_jd
         trace.s.append(s_bjd)
         trace.v.append(squash(s_bjd))
         trace.c.append(c_bji)
@@ -139,16 +131,14 @@ def _squash_backward(s: torch.Tensor, grad_v: torch.Tensor) -> torch.Tensor:
     return grad_s
 
 
-def _route_backward(votes_nid, trace, grad_v, grad_c_bji, detach):
-    """Returns (grad_votes (B, J, I, D) or None, grad_s0 (B, J, D), grad_bias (J, D)).
+def _route_backward(passes, trace, grad_v, grad_c_bji, detach):
+    """Returns (grad_votes in the passes' layout, or None; grad_s0 (B, J, D); grad_bias (J, D)).
 
     grad_s0 is the gradient of the first iteration's sum; its path to the votes (uniform
     couplings) is left to the caller. With `detach` only the last iteration reaches the votes;
     the bias still receives gradients through every iteration, as with autograd.
     """
     num_iters = len(trace.s)
-    b, j, d = grad_v.shape
-    n, i = b * j, (votes_nid.shape[1] if num_iters > 1 else 0)
     p_cols: list[torch.Tensor] = []  # (B, J, I) coefficients of rank-1 terms of grad_votes
     q_rows: list[torch.Tensor] = []  # (B, J, D) their pose-space factors
     grad_logits = None  # running Σ of the softmax gradients of the later iterations
@@ -163,69 +153,84 @@ def _route_backward(votes_nid, trace, grad_v, grad_c_bji, detach):
         if last or not detach:
             p_cols.append(c_bji)
             q_rows.append(grad_s)
-        grad_c = torch.bmm(votes_nid, grad_s.view(n, d, 1)).view(b, j, i)
-        if last and grad_c_bji is not None:
-            grad_c = grad_c + grad_c_bji
+        extra = grad_c_bji if last else None
+        grad_v, grad_logits = passes.backward(c_bji, grad_s, extra, grad_logits)
+        if not detach:
+            p_cols.append(grad_logits)
+            q_rows.append(trace.v[r - 1])
+    grad_votes = passes.votes_grad(p_cols, q_rows) if p_cols else None
+    return grad_votes, grad_s, grad_bias
+
+
+class _TorchPasses:
+    """One routing iteration over the votes with torch ops (any device). votes_nid: a
+    (N = B·J, I, D) view of the votes (contiguous or strided); couplings and logits are kept as
+    (B, J, I) so that `.view(N, 1, I)` feeds bmm directly."""
+
+    def __init__(self, votes_nid: torch.Tensor, leaky: bool):
+        self.votes, self.leaky = votes_nid, leaky
+
+    def forward(self, v_bjd, logits_bji):
+        """(couplings, Σ_i c û before the bias, logits) of the next iteration."""
+        b, j, d = v_bjd.shape
+        n, i, _ = self.votes.shape
+        agree_bji = torch.bmm(self.votes, v_bjd.reshape(n, d, 1)).view(b, j, i)  # û · v
+        logits_bji = agree_bji if logits_bji is None else logits_bji + agree_bji
+        c_bji = _softmax_classes(logits_bji, self.leaky, dim=1)
+        sum_bjd = torch.bmm(c_bji.view(n, 1, i), self.votes).view(b, j, d)
+        return c_bji, sum_bjd, logits_bji
+
+    def backward(self, c_bji, grad_s, grad_c_extra, grad_logits):
+        """(gradient of the previous iteration's output, running Σ of the logits' gradients)."""
+        b, j, d = grad_s.shape
+        n, i, _ = self.votes.shape
+        grad_c = torch.bmm(self.votes, grad_s.reshape(n, d, 1)).view(b, j, i)
+        if grad_c_extra is not None:
+            grad_c = grad_c + grad_c_extra
         # softmax backward over the classes; the leaky orphan column drops out of the formula.
         grad_x = c_bji * (grad_c - (c_bji * grad_c).sum(1, keepdim=True))
         grad_logits = grad_x if grad_logits is None else grad_logits + grad_x
         # logits after iteration r-1 include the agreement û · v_{r-1}: its gradient is grad_logits.
-        grad_v = torch.bmm(grad_logits.view(n, 1, i), votes_nid).view(b, j, d)
-        if not detach:
-            p_cols.append(grad_logits)
-            q_rows.append(trace.v[r - 1])
-    grad_votes = None
-    if p_cols:
+        grad_v = torch.bmm(grad_logits.view(n, 1, i), self.votes).view(b, j, d)
+        return grad_v, grad_logits
+
+    def votes_grad(self, p_cols, q_rows):
+        """Σ_k p_k ⊗ q_k as one bmm, written once: (B, J, I, D)."""
+        n, i, d = self.votes.shape
+        b, j = q_rows[0].shape[:2]
         k = len(p_cols)
         p_nik = torch.stack(p_cols, dim=-1).view(n, i, k)
         q_nkd = torch.stack(q_rows, dim=2).view(n, k, d)
-        grad_votes = torch.bmm(p_nik, q_nkd).view(b, j, i, d)  # written once
-    return grad_votes, grad_s, grad_bias
+        return torch.bmm(p_nik, q_nkd).view(b, j, i, d)
 
 
-# ---- the same loop with the fused C++ passes (CPU) ----------------------------------------------
-# votes_ibjd: (I, B, J, D) contiguous, as the votes' bmm writes them; each pass reads them once.
+class _FusedPasses:
+    """The same iteration as one C++ pass over the votes (CPU, routing_cpu.cpp). votes_ibjd:
+    (I, B, J, D) contiguous, as the votes' bmm writes them; the kernels update the logits and
+    their gradients in place."""
 
+    def __init__(self, kernels, votes_ibjd: torch.Tensor, leaky: bool):
+        self.kernels, self.votes, self.leaky = kernels, votes_ibjd, leaky
 
-def _route_forward_fused(kernels, votes_ibjd, s0_bjd, bias_jd, num_iters, leaky):
-    trace = _Trace(s=[s0_bjd], v=[squash(s0_bjd)])
-    i, b, j, _ = votes_ibjd.shape
-    logits_bji = s0_bjd.new_zeros(b, j, i)  # updated in place by each pass
-    for _ in range(1, num_iters):
-        c_bji, s_bjd = kernels.route_forward(votes_ibjd, trace.v[-1], logits_bji, leaky)
-        s_bjd = s_bjd + bias_jd
-        trace.s.append(s_bjd)
-        trace.v.append(squash(s_bjd))
-        trace.c.append(c_bji)
-    return trace
+    def forward(self, v_bjd, logits_bji):
+        if logits_bji is None:
+            i, b, j, _ = self.votes.shape
+            logits_bji = v_bjd.new_zeros(b, j, i)
+        c_bji, sum_bjd = self.kernels.route_forward(self.votes, v_bjd, logits_bji, self.leaky)
+        return c_bji, sum_bjd, logits_bji
 
+    def backward(self, c_bji, grad_s, grad_c_extra, grad_logits):
+        # The caller may keep the previous running sum (a rank-1 term): update a copy in place.
+        grad_logits = torch.zeros_like(c_bji) if grad_logits is None else grad_logits.clone()
+        extra = grad_s.new_empty(0) if grad_c_extra is None else grad_c_extra.contiguous()
+        grad_v = self.kernels.route_backward(
+            self.votes, c_bji, grad_s.contiguous(), extra, grad_logits
+        )
+        return grad_v, grad_logits
 
-def _route_backward_fused(kernels, votes_ibjd, trace, grad_v, grad_c_bji, detach):
-    """As `_route_backward`, with grad_votes returned in the votes' (I, B, J, D) layout."""
-    num_iters = len(trace.s)
-    i, b, j, _ = votes_ibjd.shape
-    p_cols: list[torch.Tensor] = []
-    q_rows: list[torch.Tensor] = []
-    grad_logits = grad_v.new_zeros(b, j, i)  # running Σ, updated in place by each pass
-    no_extra = grad_v.new_empty(0)
-    grad_bias = torch.zeros_like(grad_v[0])
-    for r in reversed(range(num_iters)):
-        grad_s = _squash_backward(trace.s[r], grad_v)
-        grad_bias = grad_bias + grad_s.sum(0)
-        if r == 0:
-            break
-        last = r == num_iters - 1
-        c_bji = trace.c[r - 1]
-        if last or not detach:
-            p_cols.append(c_bji)
-            q_rows.append(grad_s)
-        extra = grad_c_bji.contiguous() if last and grad_c_bji is not None else no_extra
-        grad_v = kernels.route_backward(votes_ibjd, c_bji, grad_s.contiguous(), extra, grad_logits)
-        if not detach:
-            p_cols.append(grad_logits.clone())
-            q_rows.append(trace.v[r - 1])
-    grad_votes = kernels.route_votes_grad(p_cols, q_rows) if p_cols else None
-    return grad_votes, grad_s, grad_bias
+    def votes_grad(self, p_cols, q_rows):
+        """Σ_k p_k ⊗ q_k written straight into the votes' layout: (I, B, J, D)."""
+        return self.kernels.route_votes_grad(p_cols, q_rows)
 
 
 def _no_autocast(device_type: str):
@@ -240,10 +245,10 @@ class _RouteVotes(torch.autograd.Function):
         b, j, i, d = votes_bjid.shape
         share = uniform_share(j, leaky)
         with _no_autocast(votes_bjid.device.type):
-            votes_nid = votes_bjid.view(b * j, i, d)
+            passes = _TorchPasses(votes_bjid.view(b * j, i, d), leaky)
             s0 = votes_bjid.sum(2) * share + bias_jd
-            trace = _route_forward(votes_nid, s0, bias_jd, num_iters, leaky)
-        ctx.trace, ctx.share, ctx.detach = trace, share, detach
+            trace = _route_forward(passes, s0, bias_jd, num_iters)
+        ctx.trace, ctx.share, ctx.detach, ctx.passes = trace, share, detach, passes
         ctx.save_for_backward(votes_bjid)
         ctx.set_materialize_grads(False)
         coupling = trace.c[-1] if trace.c else votes_bjid.new_full((b, j, i), share)
@@ -257,9 +262,8 @@ class _RouteVotes(torch.autograd.Function):
             grad_v = votes_bjid.new_zeros(b, j, d)
         grad_c = None if grad_c_bij is None else grad_c_bij.transpose(1, 2)
         with _no_autocast(votes_bjid.device.type):
-            votes_nid = votes_bjid.view(b * j, i, d)
             grad_votes, grad_s0, grad_bias = _route_backward(
-                votes_nid, ctx.trace, grad_v, grad_c, ctx.detach
+                ctx.passes, ctx.trace, grad_v, grad_c, ctx.detach
             )
             if len(ctx.trace.s) == 1 or not ctx.detach:
                 first = (grad_s0 * ctx.share)[:, :, None, :]  # (B, J, 1, D): uniform over I
@@ -287,14 +291,13 @@ class _RouteCapsules(torch.autograd.Function):
             votes_ibn = None
             if num_iters > 1:
                 votes_ibn = torch.bmm(u.transpose(0, 1), weight)  # (I, B, J·D): the one pass
+            passes = None
             if kernels is not None:
-                votes = votes_ibn.view(i, b, j, d)
-                trace = _route_forward_fused(kernels, votes, s0, bias, num_iters, leaky)
-            else:
-                votes = None if votes_ibn is None else votes_ibn.view(i, b * j, d).transpose(0, 1)
-                trace = _route_forward(votes, s0, bias, num_iters, leaky)  # (N, I, D) view
-        ctx.trace, ctx.share, ctx.detach, ctx.votes = trace, share, detach, votes
-        ctx.kernels = kernels
+                passes = _FusedPasses(kernels, votes_ibn.view(i, b, j, d), leaky)
+            elif votes_ibn is not None:
+                passes = _TorchPasses(votes_ibn.view(i, b * j, d).transpose(0, 1), leaky)
+            trace = _route_forward(passes, s0, bias, num_iters)
+        ctx.trace, ctx.share, ctx.detach, ctx.passes = trace, share, detach, passes
         ctx.dtypes = (u_bik.dtype, weight_ikn.dtype, bias_jd.dtype)
         ctx.save_for_backward(u, weight)
         ctx.set_materialize_grads(False)
@@ -312,23 +315,17 @@ class _RouteCapsules(torch.autograd.Function):
         with _no_autocast(u.device.type):
             grad_u = torch.zeros_like(u)
             grad_w = torch.zeros_like(weight)
-            if ctx.kernels is not None:
-                grad_votes, grad_s0, grad_bias = _route_backward_fused(
-                    ctx.kernels, ctx.votes, ctx.trace, grad_v.contiguous(), grad_c, ctx.detach
-                )
-                grad_ibn = None if grad_votes is None else grad_votes.view(i, b, j * d)
-            else:
-                grad_votes, grad_s0, grad_bias = _route_backward(
-                    ctx.votes, ctx.trace, grad_v, grad_c, ctx.detach
-                )
+            grad_votes, grad_s0, grad_bias = _route_backward(
+                ctx.passes, ctx.trace, grad_v, grad_c, ctx.detach
+            )
+            grad_ibn = None
+            if isinstance(ctx.passes, _FusedPasses) and grad_votes is not None:
+                grad_ibn = grad_votes.view(i, b, j * d)  # already in the bmm's layout
+            elif grad_votes is not None:
                 # One copy into the (I, B, J·D) layout of the votes' bmm. (Reading the (B, J,
                 # I, D) gradient in place, one class at a time through strided (I, B, D) views,
                 # avoids the copy but measured 3x slower: each 64-byte row is a cache-line jump.)
-                grad_ibn = (
-                    None
-                    if grad_votes is None
-                    else grad_votes.permute(2, 0, 1, 3).reshape(i, b, j * d)
-                )
+                grad_ibn = grad_votes.permute(2, 0, 1, 3).reshape(i, b, j * d)
             if len(ctx.trace.s) == 1 or not ctx.detach:
                 g0 = grad_s0.reshape(b, j * d) * ctx.share  # (B, J·D)
                 grad_u += (g0 @ weight.reshape(i * k, j * d).t()).view(b, i, k)
