@@ -41,8 +41,8 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 # The standard benchmark set (issue 6): MNIST and CIFAR-10 CapsNets, fp32 and bf16, each beside
-# the plain PyTorch CapsNet of the tests; writes docs/bench.md and `## Performance` in
-# docs/results.md. ~15 min on 2 CPU cores. BENCH_ARGS e.g. "--steps 20" or "train.batch_size=128".
+# the plain PyTorch CapsNet (capsdist/models/plain.py); writes docs/bench.md and
+# `## Performance` in docs/results.md. ~15 min on 2 CPU cores. BENCH_ARGS e.g. "--steps 20" or "train.batch_size=128".
 BENCH_OUT  ?= runs/bench
 BENCH_ARGS ?= train.batch_size=64
 bench: install

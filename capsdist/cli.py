@@ -1,40 +1,202 @@
 """The `capsdist` command: parse, run one job, print its result as the last line of stdout.
 
-Each command lives beside the code it runs and registers itself here. Every failure the user
-can fix (a bad key, a missing file, a damaged shard) is a `UserError`: a one-line message on
-stderr naming the file or key, and exit status 2.
+Every command is declared here (`capsdist data ...` in data_tools/cli.py) and calls one function of
+the package; each imports its package only when run, so `capsdist --help` stays fast. Every
+failure the user can fix (a bad key, a missing file, a damaged shard) is a `UserError`: a one-line
+message on stderr naming the file or key, and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
 import sys
 
+import data_tools.cli
+from capsdist.config import Config, field_docs, load_config, parse_hparams_override
 from capsdist.errors import UserError
 
-# Modules with a `register(subparsers)` function, in the order `capsdist --help` lists them.
-COMMAND_MODULES = (
-    "data_tools.cli",
-    "capsdist.train.command",
-    "capsdist.eval.command",
-    "capsdist.config.command",
-    "capsdist.bench.command",
-    "capsdist.tune.command",
-    "capsdist.eval.ensemble_command",
-    "capsdist.viz.command",
-)
+# ---- the config arguments every model command shares --------------------------------------------
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """-c YAML (repeatable), --hparams_override a=1,b=2, key=value overrides."""
+    parser.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="config preset (repeatable; later files win)",
+    )
+    parser.add_argument(
+        "--hparams_override",
+        default="",
+        metavar="a=1,b=2",
+        help="the reference's hyper-parameter string, e.g. routing=1,remake=false",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. train.max_steps=100 model.routing_iters=1",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = parse_hparams_override(args.hparams_override) + list(args.overrides)
+    return load_config(args.config, overrides)
+
+
+# ---- the commands: each returns its result dict -------------------------------------------------
+
+
+def _train(args: argparse.Namespace) -> dict:
+    from capsdist.data import read_meta
+    from capsdist.train import run_training
+    from capsdist.viz import FigureCallback
+
+    cfg = config_from_args(args)
+    meta = read_meta(cfg.data.root)
+    # With periodic evaluation, every evaluation also redraws the figures (run.dir/figures, W&B).
+    callbacks = [FigureCallback(cfg, meta)] if cfg.train.eval_every else []
+    return run_training(cfg, callbacks, meta)
+
+
+def _eval(args: argparse.Namespace) -> dict:
+    from capsdist.eval import run_eval
+
+    return run_eval(config_from_args(args))
+
+
+def _validate(args: argparse.Namespace) -> dict:
+    from capsdist.eval import run_validate
+
+    return run_validate(config_from_args(args))
+
+
+def _ensemble_eval(args: argparse.Namespace) -> dict:
+    from capsdist.eval import run_ensemble_eval
+
+    return run_ensemble_eval(config_from_args(args), args.checkpoints, args.num_trials, args.out)
+
+
+def _viz(args: argparse.Namespace) -> dict:
+    from capsdist.viz import run_viz
+
+    return run_viz(config_from_args(args), args.out)
+
+
+def _sweep(args: argparse.Namespace) -> dict:
+    from capsdist.tune import load_sweep
+    from capsdist.tune.sweep import run_sweep
+
+    return run_sweep(load_sweep(args.config, args.overrides), resume=args.resume)
+
+
+def _bench_model(args: argparse.Namespace) -> dict:
+    from capsdist.bench import model
+
+    return model.run(config_from_args(args), args)
+
+
+def _bench_data(args: argparse.Namespace) -> dict:
+    from capsdist.bench import data
+
+    return data.run(config_from_args(args))
+
+
+def _keys(args: argparse.Namespace) -> dict:
+    docs = field_docs()
+    for key, (default, doc) in docs.items():
+        print(f"{key} = {default!r}\n    {doc}", file=sys.stderr)
+    return {"num_keys": len(docs)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsdist", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(commands)
+    data_tools.cli.register(commands)
+
+    def model_command(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        add_config_args(sub)
+        sub.set_defaults(func=func)
+        return sub
+
+    model_command("train", _train, "train a model (plain python, torchrun, deepspeed)")
+    model_command("eval", _eval, "evaluate exported weights (ckpt=RUN_DIR or FILE)")
+    model_command("validate", _validate, "follow a training run, evaluate each new checkpoint")
+    commands.add_parser(
+        "keys", help="list every config key with its default and meaning"
+    ).set_defaults(func=_keys)
+
+    bench = commands.add_parser("bench", help="throughput/memory benchmarks, JSON out")
+    kinds = bench.add_subparsers(dest="benchmark", required=True)
+    bench_model = kinds.add_parser("model", help="training-step throughput, memory, step / floor")
+    add_config_args(bench_model)
+    bench_model.add_argument("--steps", type=int, default=10, help="timed rounds (default 10)")
+    bench_model.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    bench_model.add_argument(
+        "--compare-plain",
+        action="store_true",
+        help="also time the plain PyTorch CapsNet (capsdist/models/plain.py) as the baseline",
+    )
+    bench_model.add_argument(
+        "--optimizer",
+        choices=("fused", "foreach"),
+        default="fused",
+        help="torch Adam implementation (same maths; fused is ~3x faster on CPU)",
+    )
+    bench_model.set_defaults(func=_bench_model)
+    bench_data = kinds.add_parser("data", help="samples/s of one reader process")
+    add_config_args(bench_data)
+    bench_data.set_defaults(func=_bench_data)
+
+    sweep = commands.add_parser("sweep", help="Ray Tune sweep over config keys (sweep YAML)")
+    sweep.add_argument("-c", "--config", required=True, metavar="SWEEP_YAML", help="sweep file")
+    sweep.add_argument(
+        "--resume", action="store_true", help="continue an interrupted sweep in its sweep.dir"
+    )
+    sweep.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="sweep.KEY=V sets a sweep option; any other key=V every trial's config",
+    )
+    sweep.set_defaults(func=_sweep)
+
+    ensemble = model_command(
+        "ensemble-eval", _ensemble_eval, "evaluate several models and their ensemble in one pass"
+    )
+    ensemble.add_argument(
+        "--checkpoints",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="run dirs or .safetensors files, a pattern with {} (0..N-1) or a glob",
+    )
+    ensemble.add_argument(
+        "--num-trials",
+        type=int,
+        default=0,
+        metavar="N",
+        help="members expected: fills {} with 0..N-1; fewer members found is an error",
+    )
+    ensemble.add_argument(
+        "--out", default="", metavar="DIR", help="where ensemble.json/.md go (default: beside)"
+    )
+
+    viz = model_command(
+        "viz", _viz, "figures: reconstructions, capsule perturbations, confusion, routing"
+    )
+    viz.add_argument("--out", default="", metavar="DIR", help="default: beside the weights/figures")
     return parser
+
+
+# ---- running one command ------------------------------------------------------------------------
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:

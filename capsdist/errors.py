@@ -1,4 +1,5 @@
-"""The base of every error a user can fix: the CLI prints its one-line message and exits 2."""
+"""Stands alone: the base of every error a user can fix, imported by every part of capsdist and
+by data_tools, so it must depend on nothing. The CLI prints its one-line message and exits 2."""
 
 
 class UserError(Exception):

@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from data_tools.affnist import make_affnist, make_affnist_like
-from data_tools.cifar10 import make_cifar10
-from data_tools.mnist import FASHION_MNIST_SRC, make_fashion_mnist, make_mnist
+from data_tools.converters import CONVERTERS, convert
+from data_tools.from_mnist import make_affnist_like, make_expanded_mnist, make_multimnist
 from data_tools.mnist_sample import make_mnist_sample
-from data_tools.shift_tool import make_expanded_mnist, make_multimnist
-from data_tools.smallnorb import make_smallnorb
 from data_tools.synthetic import make_synthetic_shards
 
 SHARD_HELP = "samples per tar shard (default %(default)s)"
@@ -40,12 +37,16 @@ def _synthetic(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def _raw(make):
+def _raw(dataset: str):
     """Handler for a converter of raw files: (src or None, out, shards, mirror)."""
 
     def handler(args: argparse.Namespace) -> dict[str, Any]:
-        return make(
-            args.src, args.out, samples_per_shard=args.samples_per_shard, mirror=args.mirror
+        return convert(
+            dataset,
+            args.src,
+            args.out,
+            samples_per_shard=args.samples_per_shard,
+            mirror=args.mirror,
         )
 
     return handler
@@ -87,13 +88,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_dataset_commands(data.add_subparsers(dest="dataset", required=True))
 
 
-def _add_raw(subparsers, name: str, help_text: str, src_help: str, make) -> None:
-    parser = subparsers.add_parser(name, help=help_text)
-    parser.add_argument("--src", default=None, help=src_help)
+def _add_raw(subparsers, dataset: str) -> None:
+    spec = CONVERTERS[dataset]
+    parser = subparsers.add_parser(dataset.replace("_", "-"), help=spec.help)
+    parser.add_argument("--src", default=None, help=spec.src_help)
     parser.add_argument("--out", required=True, help="output folder for shards + meta.json")
     parser.add_argument("--samples-per-shard", type=_positive_int, default=1000, help=SHARD_HELP)
     parser.add_argument("--mirror", default=None, help=MIRROR_HELP)
-    parser.set_defaults(func=_raw(make))
+    parser.set_defaults(func=_raw(dataset))
 
 
 def _add_from_mnist(subparsers, name: str, help_text: str, handler) -> argparse.ArgumentParser:
@@ -108,46 +110,8 @@ def _add_from_mnist(subparsers, name: str, help_text: str, handler) -> argparse.
 
 def add_dataset_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add one subcommand per data set; each sets `func(args) -> dict` (the result JSON)."""
-    download = "; omitted: download from the official location, checksums verified"
-    _add_raw(
-        subparsers,
-        "mnist",
-        "MNIST IDX files (plain or .gz) → shards",
-        "folder with the four MNIST IDX files" + download,
-        make_mnist,
-    )
-    _add_raw(
-        subparsers,
-        "fashion-mnist",
-        "Fashion-MNIST IDX files → shards",
-        f"folder with the four IDX files (default {FASHION_MNIST_SRC}, Debian's "
-        f"dataset-fashion-mnist, if it exists{download})",
-        make_fashion_mnist,
-    )
-    _add_raw(
-        subparsers,
-        "cifar10",
-        "CIFAR-10 (binary or python version) → 32x32x3 shards",
-        "cifar-10-*.tar.gz or its extracted folder" + download,
-        make_cifar10,
-    )
-    _add_raw(
-        subparsers,
-        "smallnorb",
-        "smallNORB -dat/-cat .mat files → 48x48x2 shards",
-        "folder with smallNORB's training/testing -dat and -cat files (plain or .gz)" + download,
-        make_smallnorb,
-    )
-    _add_raw(
-        subparsers,
-        "affnist",
-        "affNIST's transformed test set (.mat) → 40x40 shards",
-        "test.mat, test.mat.zip or a folder of affNIST .mat batches"
-        + download
-        + " (affNIST publishes no checksum)",
-        make_affnist,
-    )
-
+    for dataset in CONVERTERS:  # mnist, fashion-mnist, cifar10, smallnorb, affnist
+        _add_raw(subparsers, dataset)
     multi = _add_from_mnist(
         subparsers, "multimnist", "MultiMNIST (36x36 overlaid pairs) from MNIST", _multimnist
     )

@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from data_tools.errors import DataToolError
-from data_tools.output import write_array_dataset
+from data_tools.shards import DataToolError, write_array_dataset
 
 NUM_CLASSES = 10
 TEST_FRACTION = 0.2  # 1,000 of 5,000

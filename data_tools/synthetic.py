@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from data_tools.output import write_array_dataset
+from data_tools.shards import write_array_dataset
 
 
 def _class_squares(image_shape: Sequence[int], num_classes: int) -> tuple[np.ndarray, int]:

@@ -4,7 +4,7 @@
     RAY_ADDRESS=ray://head:10001 python launch/ray_train.py ...   # on a running Ray cluster
     ray job submit --working-dir . -- python launch/ray_train.py --num-workers 16 -c ...
 
-Each worker runs the very same training loop as every other launcher (capsdist/tune/ray_train.py
+Each worker runs the very same training loop as every other launcher (capsdist/tune/trial.py
 builds the TorchTrainer). run.dir and data.root must be on storage every node can see.
 """
 
@@ -18,7 +18,7 @@ import ray
 import torch
 
 from capsdist.config import load_config
-from capsdist.tune.ray_train import torch_trainer
+from capsdist.tune.trial import torch_trainer
 
 
 def train_worker(config: dict) -> None:

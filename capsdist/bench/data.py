@@ -7,24 +7,21 @@ unset) after one warm-up batch. `data.num_workers=0` (the default) measures one 
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from capsdist.config import Config
-from capsdist.config.schema import ConfigError
-from capsdist.data import build_reader
+from capsdist.data import build_reader, read_meta
 from capsdist.track import ProgressBar
 
 DEFAULT_SECONDS = 5.0
 
 
-def run(cfg: Config, args: argparse.Namespace | None = None) -> dict:
+def run(cfg: Config) -> dict:
     """Read batches for a fixed time; returns the throughput and what was measured."""
-    if not cfg.data.root:
-        raise ConfigError("data.root is not set: point it at shards from `capsdist data ...`")
     seconds = cfg.train.time_limit_s or DEFAULT_SECONDS
+    meta = read_meta(cfg.data.root)
     reader = build_reader(
-        cfg, cfg.data.train_split, train=True, batch_size=cfg.train.batch_size, device="cpu"
+        cfg, cfg.data.train_split, meta, train=True, batch_size=cfg.train.batch_size, device="cpu"
     )
     batches = reader.batches()
     next(batches)  # warm-up: first shard read, workers started
@@ -47,8 +44,8 @@ def run(cfg: Config, args: argparse.Namespace | None = None) -> dict:
         "seconds": round(elapsed, 2),
         "batch_size": cfg.train.batch_size,
         "num_workers": reader.num_workers,
-        "dataset": reader.meta["dataset"],
-        "image_shape": list(reader.meta["image_shape"]),
+        "dataset": meta["dataset"],
+        "image_shape": list(meta["image_shape"]),
         "augmentation": {k: v for k, v in vars(reader.augment).items() if v},
         "resampled": reader.resampled,
     }

@@ -27,10 +27,12 @@ import time
 import torch
 
 from capsdist.config.schema import Config
+from capsdist.distributed import keep_freed_memory, pick_device
 from capsdist.errors import UserError
-from capsdist.memory import keep_freed_memory
 from capsdist.models import build_model, compute_loss
-from capsdist.models.routing_kernels import cpu_kernels
+from capsdist.models.layers import conv_output_size
+from capsdist.models.plain import PlainCapsNet
+from capsdist.models.routing import cpu_kernels
 from capsdist.track import ProgressBar
 
 # Dense peak TFLOP/s by (device name fragment, precision), from the vendors' data sheets
@@ -45,23 +47,6 @@ PEAK_TFLOPS = {
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=10, help="timed rounds (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    parser.add_argument(
-        "--compare-plain",
-        action="store_true",
-        help="also time the plain PyTorch CapsNet of tests/unit/test_routing_reference.py "
-        "(run from the repository root)",
-    )
-    parser.add_argument(
-        "--optimizer",
-        choices=("fused", "foreach"),
-        default="fused",
-        help="torch Adam implementation (same maths; fused is ~3x faster on CPU)",
-    )
-
-
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     if cfg.model.name != "capsnet":
         raise UserError(f"bench model times CapsNets; model.name={cfg.model.name}")
@@ -70,7 +55,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     optimizer_kind = getattr(args, "optimizer", "fused")
     if steps < 1 or warmup < 0:
         raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device).train()
     batch = _random_batch(cfg, device)
@@ -104,7 +89,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     }
     if args.compare_plain:
         plain = _plain_model(cfg, model).to(device).train()
-        plain_step = _training_step(plain, cfg, batch, optimizer_kind, plain=True)
+        plain_step = _training_step(plain, cfg, batch, optimizer_kind)
         plain_s, plain_floor_s = _timed_rounds(plain_step, floor, 0, steps, device, bar)
         plain_time = statistics.median(plain_s)
         result["plain"] = {
@@ -128,7 +113,7 @@ def _random_batch(cfg: Config, device: torch.device):
     return images, labels, torch.stack([images, images], 1)
 
 
-def _training_step(model, cfg: Config, batch, optimizer_kind: str, plain: bool = False):
+def _training_step(model, cfg: Config, batch, optimizer_kind: str):
     """Forward, loss, backward, Adam: the work of one capsdist training step."""
     images, labels, targets = batch
     optimizer = torch.optim.Adam(
@@ -143,11 +128,6 @@ def _training_step(model, cfg: Config, batch, optimizer_kind: str, plain: bool =
     def step() -> None:
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(images, labels)
-            if plain:  # the plain model returns a tuple
-                from capsdist.models import ModelOutput
-
-                lengths, poses, coupling, recon = out
-                out = ModelOutput(lengths, recon, poses, coupling)
             loss, _ = compute_loss(out, labels, targets, cfg.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -210,8 +190,6 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def num_step_flops(cfg: Config) -> int:
     """Analytic FLOPs of one training step (forward + backward), see the module docstring."""
-    from capsdist.models.capsnet import conv_output_size
-
     m, b = cfg.model, cfg.train.batch_size
     h, w, c = m.image_shape
     h1, w1 = (conv_output_size(s, m.conv1_kernel, 1, m.padding) for s in (h, w))
@@ -260,14 +238,7 @@ def _describe(cfg: Config, args, device: torch.device, optimizer_kind: str) -> d
 
 
 def _plain_model(cfg: Config, fast):
-    """The plain reference CapsNet of the tests, with the fast model's initial weights."""
-    try:
-        from tests.unit.test_routing_reference import PlainCapsNet
-    except ImportError as err:
-        raise UserError(
-            "--compare-plain imports the plain CapsNet from tests/unit/test_routing_reference.py: "
-            f"run it from the repository root ({err})"
-        ) from err
+    """The plain reference CapsNet (capsdist/models/plain.py), with the fast model's weights."""
     plain = PlainCapsNet(cfg.model)
     plain.load_state_dict(fast.state_dict())
     return plain

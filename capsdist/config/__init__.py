@@ -2,9 +2,9 @@
 
 from capsdist.config.loading import (
     config_to_yaml,
+    field_docs,
     load_config,
     parse_hparams_override,
-    save_config,
     valid_keys,
 )
 from capsdist.config.schema import (
@@ -17,6 +17,7 @@ from capsdist.config.schema import (
     ModelConfig,
     RunConfig,
     TrainConfig,
+    ValidateConfig,
     WandbConfig,
 )
 
@@ -30,10 +31,11 @@ __all__ = [
     "ModelConfig",
     "RunConfig",
     "TrainConfig",
+    "ValidateConfig",
     "WandbConfig",
     "config_to_yaml",
+    "field_docs",
     "load_config",
     "parse_hparams_override",
-    "save_config",
     "valid_keys",
 ]

@@ -1,4 +1,4 @@
-"""Load a typed `Config` from YAML presets and `key=value` overrides, and save it back.
+"""Load a typed `Config` from YAML presets and `key=value` overrides; list every key's docs.
 
 Unknown keys are errors that name the closest valid key, wherever they come from (a YAML file or
 the command line). OmegaConf does the merging and type checks; the dataclasses' `__post_init__`
@@ -7,9 +7,12 @@ does the cross-field rules.
 
 from __future__ import annotations
 
+import ast
 import difflib
+import inspect
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -115,10 +118,27 @@ def config_to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-def save_config(config: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML, atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(config_to_yaml(config))
-    os.replace(tmp, path)
+# `capsdist keys`: each field's docstring is the string literal right below it in schema.py.
+def _class_docs(cls: type) -> dict[str, str]:
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:], strict=False):
+        is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign) and is_doc and isinstance(node.target, ast.Name):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> dict[str, tuple[object, str]]:
+    """Dotted key → (default, docstring) for every leaf of the schema."""
+    docs = _class_docs(cls)
+    instance = cls()
+    out: dict[str, tuple[object, str]] = {}
+    for f in fields(cls):
+        value = getattr(instance, f.name)
+        if is_dataclass(value):
+            out.update(field_docs(type(value), f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = (value, docs.get(f.name, ""))
+    return out

@@ -1,9 +1,15 @@
-"""Reading the shards that `data_tools` writes: meta.json, the sharded reader, augmentation."""
+"""Reading the shards that `data_tools` writes: meta.json, checks against the config, the
+sharded reader, augmentation. Read meta.json once per run (`read_meta`) and pass it down."""
 
 from capsdist.data.augment import Augmentation, random_shift
-from capsdist.data.build import build_augmentation, build_reader
+from capsdist.data.build import (
+    build_augmentation,
+    build_reader,
+    check_data_matches_model,
+    check_extra_eval_root,
+)
 from capsdist.data.meta import DataError, read_meta
-from capsdist.data.reader import Batch, ShardReader
+from capsdist.data.reader import Batch, ShardReader, read_split_arrays
 
 __all__ = [
     "Augmentation",
@@ -12,6 +18,9 @@ __all__ = [
     "ShardReader",
     "build_augmentation",
     "build_reader",
+    "check_data_matches_model",
+    "check_extra_eval_root",
     "random_shift",
     "read_meta",
+    "read_split_arrays",
 ]

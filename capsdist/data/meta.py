@@ -41,11 +41,15 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def read_meta(root: str | Path) -> dict[str, Any]:
-    """Load `root/meta.json` and check the fields the reader relies on.
+def read_meta(root: str | Path | None) -> dict[str, Any]:
+    """Load `root/meta.json` and check the fields the reader relies on. Read it once per run
+    and pass it down (`build_reader`, `ShardReader`, the checks in `capsdist.data.build`).
 
-    Raises DataError naming the file when it is missing, not JSON, or lacks/garbles a field.
+    Raises DataError when `root` is empty (data.root not set) and, naming the file, when it is
+    missing, not JSON, or lacks/garbles a field.
     """
+    if root is None or str(root) == "":
+        raise DataError("data.root is not set: point it at shards from `capsdist data ...`")
     path = Path(root) / META_NAME
     _require(path.is_file(), path, "missing (is data.root the folder of a converted data set?)")
     try:

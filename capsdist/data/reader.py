@@ -11,6 +11,9 @@ Resampled shards: when a training split has fewer shards than ranks × workers, 
 would leave readers without data. Then every reader instead draws whole shards at random (with
 replacement, seeded by seed, rank, epoch, worker) until it has its fixed share of the split's
 samples: epochs keep one length on every rank, at the price of some samples seen twice.
+
+`read_split_arrays` reads a whole split as uint8 arrays instead, through the same checks: what
+tools that derive one data set from another (MultiMNIST from MNIST) need.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from capsdist.data.augment import Augmentation
-from capsdist.data.meta import DataError, read_meta, split_shards
+from capsdist.data.meta import DataError, split_shards
 from capsdist.data.stream import (
     RawBatch,
     SampleFormat,
@@ -36,6 +40,7 @@ from capsdist.data.stream import (
     decode,
     mix_seed,
     read_shard,
+    shard_tasks,
     shuffle,
 )
 
@@ -64,6 +69,22 @@ class _EpochPlan:
     seed: int
     rank: int
     epoch: int
+
+
+def read_split_arrays(
+    root: str | Path, split: str, meta: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every sample of `split` in shard order, as uint8 images (N, H, W, C) and int64 labels
+    (N,) or (N, T), each checked as the reader checks it (DataError on a bad one); `meta` is
+    `read_meta(root)`. Reconstruction targets are not read."""
+    root = Path(root)
+    fmt = SampleFormat.from_meta(meta, "raise", recon=False)
+    tasks = shard_tasks(root, meta, split_shards(meta, split, root))
+    samples = decode((sample for task in tasks for sample in read_shard(task)), fmt)
+    chunks = list(batch(samples, 10_000, fmt, drop_last=False))
+    images = np.concatenate([c.images.numpy() for c in chunks])
+    labels = np.concatenate([c.labels.numpy() for c in chunks])
+    return images, labels
 
 
 def _resampled(pool: tuple[ShardTask, ...], quota: int, rng: random.Random) -> list[ShardTask]:
@@ -131,26 +152,28 @@ def _from_workers(loader: DataLoader) -> Iterator[RawBatch]:
 class ShardReader:
     """Batches of one split for one rank: images float32 (B, C, H, W), labels int64.
 
-    Labels are (B,) for one target and (B, 2) for two. With `train=True`: each epoch shuffles
-    shard order and samples (buffer of `shuffle_buffer`), augments (`augment`, by default a
-    ±`shift_pixels` shift) and drops the last partial batch, all deterministic in (seed, rank,
-    epoch) for a given `num_workers`. With `train=False`: fixed order, only the deterministic
-    part of `augment` (centre crop, standardisation), last batch kept. `max_examples > 0` keeps
-    only the first `max_examples` samples of this rank's shards. `on_error="skip"` leaves bad
-    samples out and counts them in `num_skipped` instead of raising DataError.
+    `meta` is `read_meta(root)`, read once by the caller. Labels are (B,) for one target and
+    (B, 2) for two. With `train=True`: each epoch shuffles shard order and samples (buffer of
+    `shuffle_buffer`), applies `augment` (None: no augmentation; `build_augmentation` makes it
+    from the config, which owns every default) and drops the last partial batch, all
+    deterministic in (seed, rank, epoch) for a given `num_workers`. With `train=False`: fixed
+    order, only the deterministic part of `augment` (centre crop, standardisation), last batch
+    kept. `max_examples > 0` keeps only the first `max_examples` samples of this rank's shards.
+    `on_error="skip"` leaves bad samples out and counts them in `num_skipped` instead of raising
+    DataError.
     """
 
     def __init__(
         self,
         root: str | Path,
         split: str,
+        meta: dict[str, Any],
         *,
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
         train: bool = True,
-        shift_pixels: int = 0,
         shuffle_buffer: int = 2000,
         num_workers: int = 0,
         max_examples: int = 0,
@@ -163,29 +186,22 @@ class ShardReader:
                 f"need batch_size >= 1 and 0 <= rank < world_size, got "
                 f"{batch_size}, {rank}, {world_size}"
             )
-        if min(shift_pixels, shuffle_buffer, num_workers, max_examples) < 0:
-            raise ValueError("shift_pixels, shuffle_buffer, num_workers, max_examples must be >= 0")
+        if min(shuffle_buffer, num_workers, max_examples) < 0:
+            raise ValueError("shuffle_buffer, num_workers, max_examples must be >= 0")
         self.root = Path(root)
         self.split = split
-        self.meta = read_meta(self.root)
+        self.meta = meta
         self.batch_size = batch_size
         self.rank, self.world_size, self.seed, self.train = rank, world_size, seed, train
-        self.augment = augment if augment is not None else Augmentation(shift_pixels=shift_pixels)
-        self.image_shape = tuple(self.meta["image_shape"])
+        self.augment = augment if augment is not None else Augmentation()  # no augmentation
+        self.image_shape = tuple(meta["image_shape"])
         self.device = torch.device(device)
         self.num_skipped = 0
         """Samples left out so far under on_error=skip (all epochs read by this reader)."""
-        recon_shape = self.meta.get("recon_shape")
-        self._fmt = SampleFormat(
-            self.image_shape,
-            self.meta["num_classes"],
-            self.meta["num_targets"],
-            tuple(recon_shape) if recon_shape else None,
-            on_error,
-        )
+        self._fmt = SampleFormat.from_meta(meta, on_error)
         Skips(on_error)  # validates the value here rather than in a worker
 
-        all_shards = split_shards(self.meta, split, self.root)
+        all_shards = split_shards(meta, split, self.root)
         readers = world_size * max(num_workers, 1)
         self.resampled = train and len(all_shards) < readers
         if self.resampled:
@@ -208,7 +224,7 @@ class ShardReader:
                 f"shard(s), too few for {self.world_size} ranks (rank {self.rank} gets none); "
                 f"rewrite it with a smaller --samples-per-shard"
             )
-        tasks = self._tasks(self.shards, max_examples)
+        tasks = shard_tasks(self.root, self.meta, self.shards, max_examples)
         self.num_examples = sum(t.limit for t in tasks)
         # Workers beyond the number of shards would read nothing: do not start them.
         self.num_workers = min(num_workers, len(tasks))
@@ -222,7 +238,7 @@ class ShardReader:
     def _plan_resampled(self, all_shards: list[str], num_workers: int, max_examples: int) -> None:
         """Every rank and worker draws from all shards; each gets an equal, fixed share."""
         self.shards = list(all_shards)
-        pool = tuple(self._tasks(all_shards, max_examples))
+        pool = tuple(shard_tasks(self.root, self.meta, all_shards, max_examples))
         total = sum(t.limit for t in pool)
         self.num_workers = num_workers
         groups = max(num_workers, 1)
@@ -231,20 +247,6 @@ class ShardReader:
         self._worker_tasks = (pool,)
         self.num_examples = per_rank
         self.batches_per_epoch = sum(self._num_batches(q) for q in self._quota)
-
-    def _tasks(self, names: list[str], max_examples: int) -> list[ShardTask]:
-        """These shards with the samples to take from each (all, unless max_examples)."""
-        tasks, left = [], max_examples if max_examples > 0 else math.inf
-        for name in names:
-            path = self.root / name
-            if not path.is_file():
-                raise DataError(f"{path}: shard listed in meta.json is missing")
-            size = self.meta["shard_sizes"][name]
-            take = int(min(size, left))
-            if take > 0:
-                tasks.append(ShardTask(str(path), size, take))
-            left -= take
-        return tasks
 
     def _num_batches(self, n: int) -> int:
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)

@@ -9,11 +9,13 @@ A bad sample either stops the run with a DataError naming the shard and the samp
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -47,6 +49,23 @@ class ShardTask:
     limit: int
 
 
+def shard_tasks(
+    root: Path, meta: dict[str, Any], names: list[str], max_examples: int = 0
+) -> list[ShardTask]:
+    """These shards of `root` with the samples to take from each (all, unless max_examples)."""
+    tasks, left = [], max_examples if max_examples > 0 else math.inf
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            raise DataError(f"{path}: shard listed in meta.json is missing")
+        size = meta["shard_sizes"][name]
+        take = int(min(size, left))
+        if take > 0:
+            tasks.append(ShardTask(str(path), size, take))
+        left -= take
+    return tasks
+
+
 @dataclass(frozen=True)
 class SampleFormat:
     """What every sample must look like (from meta.json), and what to do when one does not."""
@@ -56,6 +75,18 @@ class SampleFormat:
     num_targets: int
     recon_shape: tuple[int, ...] | None = None  # T, H, W, C of the `recon.u8` field, if any
     on_error: str = "raise"  # or "skip"
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], on_error: str, recon: bool = True) -> SampleFormat:
+        """What meta.json says every sample holds (`recon.u8` too, if any and `recon`)."""
+        recon_shape = meta.get("recon_shape") if recon else None
+        return cls(
+            tuple(meta["image_shape"]),
+            meta["num_classes"],
+            meta["num_targets"],
+            tuple(recon_shape) if recon_shape else None,
+            on_error,
+        )
 
     @property
     def image_bytes(self) -> int:

@@ -15,16 +15,23 @@ from itertools import combinations
 from pathlib import Path
 
 import torch
-import yaml
 
 from capsdist.config import Config
 from capsdist.data import read_meta
-from capsdist.eval.evaluate import build_eval_reader, load_model, resolve_weights
-from capsdist.files import write_json_atomic, write_text_atomic
+from capsdist.distributed import pick_device
+from capsdist.eval.evaluate import build_eval_reader, load_model
 from capsdist.models import ModelOutput, num_correct
-from capsdist.track import ProgressBar
-from capsdist.train.checkpoint import CheckpointError
-from capsdist.train.export import load_weights
+from capsdist.run_dir import (
+    WEIGHTS,
+    CheckpointError,
+    load_weights,
+    model_differences,
+    resolve_weights,
+    saved_model_config,
+    write_json_atomic,
+    write_text_atomic,
+)
+from capsdist.track import ProgressBar, build_wandb_sink
 
 
 def resolve_members(checkpoints: list[str], num_trials: int = 0) -> list[Path]:
@@ -43,9 +50,7 @@ def resolve_members(checkpoints: list[str], num_trials: int = 0) -> list[Path]:
             found += matches
         else:
             found.append(item)
-    missing = [
-        p for p in found if not (Path(p).is_file() or (Path(p) / "model.safetensors").is_file())
-    ]
+    missing = [p for p in found if not (Path(p).is_file() or (Path(p) / WEIGHTS).is_file())]
     if missing:
         raise CheckpointError(
             f"ensemble member(s) without exported weights: {', '.join(missing)} "
@@ -65,18 +70,15 @@ def resolve_members(checkpoints: list[str], num_trials: int = 0) -> list[Path]:
 
 
 def check_same_architecture(weights: list[Path]) -> dict:
-    """The members' exported `model` configs must agree; returns it (empty if not recorded)."""
-    models = [yaml.safe_load(load_weights(w)[1] or "{}").get("model", {}) for w in weights]
+    """The members' exported `model` configs must agree (by the run directory's one rule:
+    runtime switches such as model.compile aside); returns the first (empty if not recorded)."""
+    models = [saved_model_config(load_weights(w)[1]) for w in weights]
     first = models[0]
     for path, model in zip(weights[1:], models[1:], strict=True):
-        diffs = [
-            f"model.{k}: {first.get(k)!r} vs {model.get(k)!r}"
-            for k in sorted(set(first) | set(model))
-            if first.get(k) != model.get(k)
-        ]
+        diffs = model_differences(model, first)
         if diffs:
             raise CheckpointError(
-                f"ensemble members have different architectures: {weights[0]} and {path} "
+                f"ensemble members have different architectures: {path} and {weights[0]} "
                 f"differ in {'; '.join(diffs[:3])}"
             )
     return first
@@ -145,12 +147,12 @@ def run_ensemble_eval(
     """Evaluate the members and their ensemble on cfg.data.eval_split; write the table."""
     weights = resolve_members(checkpoints, num_trials)
     check_same_architecture(weights)
-    read_meta(cfg.data.root)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = read_meta(cfg.data.root)
+    device = pick_device()
     members = [load_model(w, cfg, device) for w in weights]
-    reader = build_eval_reader(cfg, device)
+    reader = build_eval_reader(cfg, meta, device)
     result = evaluate_ensemble(members, reader, cfg.model.num_targets)
-    names = [str(w.parent if w.name == "model.safetensors" else w) for w in weights]
+    names = [str(w.parent if w.name == WEIGHTS else w) for w in weights]
     out_dir = Path(out) if out else Path(os.path.commonpath([Path(n) for n in names])) / "ensemble"
     table = markdown_table(result, names)
     print(table, end="", flush=True)
@@ -163,13 +165,11 @@ def run_ensemble_eval(
 
 def _log_to_wandb(cfg: Config, out_dir: Path, result: dict) -> None:
     """An `ensemble` run whose table lists every member and the ensemble."""
-    if cfg.wandb.mode == "disabled":
-        return
-    from capsdist.track import WandbSink
-
     cfg.wandb.group = cfg.wandb.group or f"ensemble-{out_dir.parent.name}"
     cfg.wandb.tags = [*cfg.wandb.tags, "ensemble"]
-    sink = WandbSink(out_dir, cfg.wandb, asdict(cfg), job_type="ensemble")
+    sink = build_wandb_sink(out_dir, cfg.wandb, asdict(cfg), job_type="ensemble")
+    if sink is None:
+        return
     try:
         rows = [[m, a] for m, a in zip(result["members"], result["member_accuracies"], strict=True)]
         rows.append([f"ensemble of {len(rows)}", result["ensemble_accuracy"]])

@@ -15,37 +15,38 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from capsdist.config import Config
+from capsdist.data import read_meta
+from capsdist.distributed import pick_device
 from capsdist.eval.evaluate import build_eval_reader, evaluate, load_model
-from capsdist.files import write_json_atomic
-from capsdist.track import JsonlSink, WandbSink
-from capsdist.train.checkpoint import WEIGHTS, CheckpointError, complete_checkpoints
-from capsdist.train.export import copy_weights
-
-
-def _training_finished(run_dir: Path) -> bool:
-    status = run_dir / "status.json"
-    return status.exists() and json.loads(status.read_text()).get("state") == "finished"
+from capsdist.run_dir import (
+    CHECKPOINTS,
+    WEIGHTS,
+    CheckpointError,
+    complete_checkpoints,
+    copy_file_atomic,
+    training_finished,
+    write_json_atomic,
+)
+from capsdist.track import JsonlSink, build_wandb_sink
 
 
 def run_validate(cfg: Config) -> dict:
     run_dir = Path(cfg.run.dir)
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / CHECKPOINTS
     if not run_dir.is_dir():
         raise CheckpointError(f"run.dir {run_dir} does not exist: start training there first")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reader = build_eval_reader(cfg, device)
+    device = pick_device()
+    reader = build_eval_reader(cfg, read_meta(cfg.data.root), device)
     record_path = run_dir / "validation.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"evaluated": {}}
     sinks = [JsonlSink(run_dir / "metrics.jsonl")]
-    if cfg.wandb.mode != "disabled":
-        sinks.append(WandbSink(run_dir, cfg.wandb, asdict(cfg), job_type="validate"))
+    wandb = build_wandb_sink(run_dir, cfg.wandb, asdict(cfg), job_type="validate")
+    sinks += [wandb] if wandb else []
     last_new = time.monotonic()
     try:
         while True:
-            finished = _training_finished(run_dir)  # read BEFORE listing: no final ckpt missed
+            finished = training_finished(run_dir)  # read BEFORE listing: no final ckpt missed
             pending = [
                 (step, folder)
                 for step, folder in complete_checkpoints(ckpt_dir)
@@ -57,7 +58,7 @@ def run_validate(cfg: Config) -> dict:
                     continue
                 record["evaluated"][str(step)] = scores
                 if scores["accuracy"] > record.get("best_accuracy", -1.0):
-                    copy_weights(folder / WEIGHTS, run_dir / "best.safetensors")
+                    copy_file_atomic(folder / WEIGHTS, run_dir / "best.safetensors")
                     record.update(best_step=step, best_accuracy=scores["accuracy"])
                 write_json_atomic(record_path, record)
                 metrics = {

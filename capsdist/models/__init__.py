@@ -1,4 +1,5 @@
-"""Single-device model code: capsule layers, routing, CapsNet, CNN baselines, losses.
+"""Single-device model code: capsule layers, routing, CapsNet, CNN baselines, losses, and the
+plain PyTorch CapsNet (plain.py) that the tests and `capsdist bench model` compare against.
 
 Never imports DeepSpeed, Ray, W&B or webdataset: distribution is applied from outside.
 """
@@ -12,8 +13,8 @@ import torch.nn as nn
 from capsdist.config.schema import ModelConfig
 from capsdist.models.baseline import BaselineCNN, PaperBaselineCNN
 from capsdist.models.capsnet import CapsNet
+from capsdist.models.layers import ModelOutput
 from capsdist.models.losses import compute_loss, margin_loss, num_correct, reconstruction_loss
-from capsdist.models.output import ModelOutput
 
 MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "capsnet": CapsNet,

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from capsdist.config.schema import ModelConfig
-from capsdist.models.output import ModelOutput
+from capsdist.models.layers import ModelOutput
 
 
 class BaselineCNN(nn.Module):

@@ -3,12 +3,11 @@
 conv1 (9x9, ReLU) → primary capsules (9x9 stride-2 conv, squashed 8-D capsules at every grid
 position) → class capsules (a separate 8→16 matrix per input capsule and class, routing by
 agreement) → lengths; optional decoder reconstructs the input from the masked class capsules.
-Shapes use the legend of capsule_ops.py.
+Shapes use the legend of layers.py.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -16,46 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from capsdist.config.schema import ModelConfig
-from capsdist.models.capsule_ops import safe_norm, squash
-from capsdist.models.output import ModelOutput
+from capsdist.models.layers import ModelOutput, TFConv2d, safe_norm, squash
 from capsdist.models.routing import route_capsules
 
 
 def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
     """TensorFlow's truncated_normal: redraw values beyond two standard deviations."""
     return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
-
-
-def tf_padding(size: int, kernel: int, stride: int, padding: str) -> tuple[int, int]:
-    """(before, after) padding of one axis with TensorFlow's VALID/SAME rule (SAME may be
-    asymmetric for stride 2, which PyTorch's `padding="same"` does not support)."""
-    if padding == "VALID":
-        return 0, 0
-    out = math.ceil(size / stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
-    before, after = tf_padding(size, kernel, stride, padding)
-    return (size + before + after - kernel) // stride + 1
-
-
-class TFConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow VALID/SAME padding for a known input size."""
-
-    def __init__(self, in_ch, out_ch, kernel, stride, padding, in_hw, bias=True):
-        super().__init__(in_ch, out_ch, kernel, stride, bias=bias)
-        pad_h = tf_padding(in_hw[0], kernel, stride, padding)
-        pad_w = tf_padding(in_hw[1], kernel, stride, padding)
-        self.pad = (pad_w[0], pad_w[1], pad_h[0], pad_h[1])
-        self.out_hw = (
-            conv_output_size(in_hw[0], kernel, stride, padding),
-            conv_output_size(in_hw[1], kernel, stride, padding),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, self.pad) if any(self.pad) else x)
 
 
 class PrimaryCapsules(nn.Module):
@@ -106,14 +72,8 @@ class ClassCapsules(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(self.num_classes, self.dim))
 
-    def votes(self, u_bid: torch.Tensor) -> torch.Tensor:
-        """(B, I, J, D) votes û_{j|i} = W_ij u_i (for inspection; forward never builds them so)."""
-        b, i, _ = u_bid.shape
-        votes_ibk = torch.bmm(u_bid.transpose(0, 1), self.weight)  # (I, B, J·Dout)
-        return votes_ibk.transpose(0, 1).reshape(b, i, self.num_classes, self.dim)  # (B, I, J, D)
-
     def forward(self, u_bid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Same result as route(self.votes(u), ...), without the (B, I, J, D) copy: see routing.py.
+        """(v_bjd, c_bij); the (B, I, J, D) votes exist only inside routing (see routing.py)."""
         return route_capsules(
             u_bid, self.weight, self.bias, self.iters, self.leaky, self.detach, self.fused
         )
@@ -177,8 +137,13 @@ class CapsNet(nn.Module):
                 nn.init.constant_(layer.bias, 0.1)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
-        """images (B, C, H, W) in [0, 1]; labels (B,) or (B, T) mask the decoder in training.
-        In evaluation (or without labels) the decoder is masked by the predicted classes."""
+        """images (B, C, H, W) in [0, 1] → ModelOutput.
+
+        labels (B,) or (B, T), when given, mask the decoder in training AND evaluation, in their
+        given order: reconstruction slot t is decoded from the capsule of label t (the reference's
+        remake uses the true label in both modes, so its eval loss is ours). Without labels
+        (figures, unlabelled inputs) the decoder is masked by `predictions(T)`, ascending.
+        """
         if self._compiled is not None:
             try:
                 return self._compiled(images, labels)
@@ -199,7 +164,7 @@ class CapsNet(nn.Module):
         v_bjd, c_bij = self.classes(u_bid)
         out = ModelOutput(lengths=safe_norm(v_bjd, dim=-1), poses=v_bjd, coupling=c_bij)
         if self.decoder is not None:
-            if self.training and labels is not None:
+            if labels is not None:  # (B, T) in the order given: slot t pairs with target t
                 targets_bt = labels.view(labels.shape[0], -1)
             else:
                 targets_bt = out.predictions(self.num_targets).view(images.shape[0], -1)

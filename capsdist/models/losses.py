@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from capsdist.config.schema import LossConfig
-from capsdist.models.output import ModelOutput
+from capsdist.models.layers import ModelOutput
 
 
 def targets_multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

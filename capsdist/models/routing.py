@@ -19,33 +19,59 @@ backward likewise, writing the votes' gradient straight into the bmm's layout): 
 share of routing measured 100 → 65 ms at batch 64. The torch ops above stay for GPUs and for
 machines without a C++ compiler.
 Routing runs in fp32 whatever the inputs' dtype (bf16 autocast included): the agreement logits
-accumulate over iterations. tests/unit/test_routing_reference.py checks values and gradients
-against a naive implementation.
+accumulate over iterations. This is the one routing of training, evaluation and the tests;
+tests/unit/test_routing_reference.py checks its values and gradients, both passes, against the
+plain autograd model of plain.py. Shapes use the legend of layers.py.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from capsdist.models.capsule_ops import squash
-from capsdist.models.routing_kernels import cpu_kernels
+from capsdist.models.layers import squash
+
+CPU_KERNELS_SOURCE = Path(__file__).with_name("routing_cpu.cpp")
 
 
-def coupling_coefficients(logits_bij: torch.Tensor, leaky: bool) -> torch.Tensor:
-    """c_ij = softmax_j(b_ij). Leaky: an extra all-zero "orphan" logit joins the softmax and its
-    column is dropped, so each input's coefficients over the real classes sum to less than 1."""
-    return _softmax_classes(logits_bij, leaky, dim=-1)
+@functools.cache
+def cpu_kernels():
+    """The fused CPU passes of routing_cpu.cpp, built on first use with torch's JIT extension
+    loader and cached (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR); None (with one
+    warning) where no C++ compiler or build tool is available: routing then runs on torch ops,
+    which give the same results, slower."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="capsdist_routing_cpu",
+            sources=[str(CPU_KERNELS_SOURCE)],
+            # -fopenmp: at::parallel_for is inlined from ATen's OpenMP header.
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as err:  # no compiler, no ninja, a read-only cache, ...
+        warnings.warn(
+            f"fused CPU routing unavailable, using torch ops (slower): {err!r:.300}",
+            stacklevel=2,
+        )
+        return None
 
 
-def _softmax_classes(logits: torch.Tensor, leaky: bool, dim: int) -> torch.Tensor:
+def _softmax_classes(logits_bji: torch.Tensor, leaky: bool) -> torch.Tensor:
+    """c_ij = softmax over the classes (dim 1 of (B, J, I)). Leaky: an extra all-zero "orphan"
+    logit joins the softmax and its column is dropped, so each input's coefficients over the
+    real classes sum to less than 1."""
     if not leaky:
-        return F.softmax(logits, dim=dim)
-    orphan = torch.zeros_like(logits.narrow(dim, 0, 1))
-    full = F.softmax(torch.cat([orphan, logits], dim=dim), dim=dim)
-    return full.narrow(dim, 1, logits.shape[dim]).contiguous()
+        return F.softmax(logits_bji, dim=1)
+    orphan = torch.zeros_like(logits_bji[:, :1])
+    full = F.softmax(torch.cat([orphan, logits_bji], dim=1), dim=1)
+    return full[:, 1:].contiguous()
 
 
 def routing_dtype(t: torch.Tensor) -> torch.dtype:
@@ -56,27 +82,6 @@ def routing_dtype(t: torch.Tensor) -> torch.dtype:
 def uniform_share(num_classes: int, leaky: bool) -> float:
     """The first iteration's coupling coefficient: softmax of all-zero logits."""
     return 1.0 / (num_classes + 1 if leaky else num_classes)
-
-
-def route(
-    votes_bijd: torch.Tensor,
-    bias_jd: torch.Tensor,
-    num_iters: int,
-    leaky: bool = False,
-    detach: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route votes û_{j|i} to output capsules.
-
-    votes_bijd: (B, I, J, D) predictions of each input capsule for each output capsule.
-    bias_jd:    (J, D) added to the weighted sum before squashing (as the reference).
-    Returns (v_bjd, c_bij): output capsules (B, J, D) of the last iteration (fp32, or fp64 for
-    fp64 votes) and the
-    coupling coefficients (B, I, J) that produced them.
-    (The CapsNet itself calls `route_capsules`, which never builds this (B, I, J, D) layout.)
-    """
-    dtype = routing_dtype(votes_bijd)
-    votes_bjid = votes_bijd.to(dtype).permute(0, 2, 1, 3).contiguous()  # (B, J, I, D)
-    return _RouteVotes.apply(votes_bjid, bias_jd.to(dtype), num_iters, leaky, detach)
 
 
 def route_capsules(
@@ -91,8 +96,9 @@ def route_capsules(
     """Votes û_{j|i} = W_ij u_i and routing in one step (the class-capsule layer).
 
     u_bik: (B, I, Din) input capsules; weight_ikn: (I, Din, J·D); bias_jd: (J, D).
-    Returns (v_bjd, c_bij) as `route(votes, ...)` would, in fp32 (fp64 for fp64 inputs).
-    fused: on CPU, run the iterations with the C++ passes of routing_cpu.cpp (same results).
+    Returns v_bjd (B, J, D), the output capsules of the last iteration, and c_bij (B, I, J), the
+    coupling coefficients that produced them; fp32 whatever the inputs (fp64 for fp64 inputs).
+    fused: on CPU, run iterations 2..R with the C++ passes of routing_cpu.cpp (same results).
     """
     kernels = cpu_kernels() if fused and u_bik.device.type == "cpu" and num_iters > 1 else None
     return _RouteCapsules.apply(u_bik, weight_ikn, bias_jd, num_iters, leaky, detach, kernels)
@@ -176,7 +182,7 @@ class _TorchPasses:
         n, i, _ = self.votes.shape
         agree_bji = torch.bmm(self.votes, v_bjd.reshape(n, d, 1)).view(b, j, i)  # û · v
         logits_bji = agree_bji if logits_bji is None else logits_bji + agree_bji
-        c_bji = _softmax_classes(logits_bji, self.leaky, dim=1)
+        c_bji = _softmax_classes(logits_bji, self.leaky)
         sum_bjd = torch.bmm(c_bji.view(n, 1, i), self.votes).view(b, j, d)
         return c_bji, sum_bjd, logits_bji
 
@@ -235,42 +241,6 @@ class _FusedPasses:
 
 def _no_autocast(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
-
-
-class _RouteVotes(torch.autograd.Function):
-    """Routing of given votes laid out (B, J, I, D), contiguous."""
-
-    @staticmethod
-    def forward(ctx, votes_bjid, bias_jd, num_iters, leaky, detach):
-        b, j, i, d = votes_bjid.shape
-        share = uniform_share(j, leaky)
-        with _no_autocast(votes_bjid.device.type):
-            passes = _TorchPasses(votes_bjid.view(b * j, i, d), leaky)
-            s0 = votes_bjid.sum(2) * share + bias_jd
-            trace = _route_forward(passes, s0, bias_jd, num_iters)
-        ctx.trace, ctx.share, ctx.detach, ctx.passes = trace, share, detach, passes
-        ctx.save_for_backward(votes_bjid)
-        ctx.set_materialize_grads(False)
-        coupling = trace.c[-1] if trace.c else votes_bjid.new_full((b, j, i), share)
-        return trace.v[-1], coupling.transpose(1, 2).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad_v, grad_c_bij):
-        (votes_bjid,) = ctx.saved_tensors
-        b, j, i, d = votes_bjid.shape
-        if grad_v is None:
-            grad_v = votes_bjid.new_zeros(b, j, d)
-        grad_c = None if grad_c_bij is None else grad_c_bij.transpose(1, 2)
-        with _no_autocast(votes_bjid.device.type):
-            grad_votes, grad_s0, grad_bias = _route_backward(
-                ctx.passes, ctx.trace, grad_v, grad_c, ctx.detach
-            )
-            if len(ctx.trace.s) == 1 or not ctx.detach:
-                first = (grad_s0 * ctx.share)[:, :, None, :]  # (B, J, 1, D): uniform over I
-                grad_votes = first.expand(b, j, i, d) + (0 if grad_votes is None else grad_votes)
-        if grad_votes is None:
-            grad_votes = torch.zeros_like(votes_bjid)
-        return grad_votes, grad_bias, None, None, None
 
 
 class _RouteCapsules(torch.autograd.Function):

@@ -1,4 +1,4 @@
-// Fused routing-by-agreement passes for CPU (loaded by capsdist/models/routing_kernels.py).
+// Fused routing-by-agreement passes for CPU (built and loaded by capsdist/models/routing.py).
 //
 // Why: on CPU each routing iteration is memory-bound on the votes (I, N = B*J, D). Written with
 // torch ops, an iteration reads them twice (agreement, then weighted sum) through strided batched

@@ -1,5 +1,12 @@
 """Metric sinks: console progress bar, W&B, metrics.jsonl."""
 
-from capsdist.track.sinks import JsonlSink, MetricSink, ProgressBar, WandbSink
+from capsdist.track.sinks import (
+    JsonlSink,
+    MetricSink,
+    ProgressBar,
+    WandbSink,
+    build_wandb_sink,
+    log_images,
+)
 
-__all__ = ["JsonlSink", "MetricSink", "ProgressBar", "WandbSink"]
+__all__ = ["JsonlSink", "MetricSink", "ProgressBar", "WandbSink", "build_wandb_sink", "log_images"]

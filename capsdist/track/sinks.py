@@ -83,6 +83,16 @@ class WandbSink:
         self._run.finish()
 
 
+def build_wandb_sink(
+    run_dir: Path, cfg: WandbConfig, config: dict, job_type: str
+) -> WandbSink | None:
+    """A W&B run for this job, or None with `wandb.mode=disabled`: the one place that decides
+    whether a job logs to W&B (W&B is imported only when it does)."""
+    if cfg.mode == "disabled":
+        return None
+    return WandbSink(run_dir, cfg, config, job_type)
+
+
 def log_images(run, step: int | None, images: dict[str, Path]) -> None:
     """Log PNG files to a W&B run (e.g. `wandb.run`, the training loop's live run)."""
     import wandb

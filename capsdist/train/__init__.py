@@ -1,15 +1,5 @@
-"""The training loop, its step, checkpoints and weight export.
+"""The training loop every launcher runs, its step, and DeepSpeed checkpoints."""
 
-`run_training` is imported lazily: `capsdist.eval` needs `capsdist.train.checkpoint`, and the
-loop needs `capsdist.eval`; importing the loop here would make that a cycle.
-"""
+from capsdist.train.loop import NonFiniteLossError, on_every_rank, run_training
 
 __all__ = ["NonFiniteLossError", "on_every_rank", "run_training"]
-
-
-def __getattr__(name: str):
-    if name in __all__:
-        from capsdist.train import loop
-
-        return getattr(loop, name)
-    raise AttributeError(f"module 'capsdist.train' has no attribute {name!r}")

@@ -17,27 +17,32 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from capsdist.config import Config, config_to_yaml, save_config
-from capsdist.config.schema import ConfigError
-from capsdist.data import ShardReader, read_meta
-from capsdist.data.build import build_reader
-from capsdist.data.checks import check_data_matches_model
-from capsdist.dist import DistEnv, batch_layout, build_deepspeed_config
-from capsdist.dist.engine import build_engine, device_for, init_process_group
+from capsdist.config import Config, config_to_yaml
+from capsdist.data import ShardReader, build_reader, check_data_matches_model, read_meta
+from capsdist.distributed import (
+    BatchLayout,
+    DistEnv,
+    build_deepspeed_config,
+    build_engine,
+    init_process_group,
+    keep_freed_memory,
+    pick_device,
+)
 from capsdist.errors import UserError
-from capsdist.eval.evaluate import build_eval_reader, evaluate
-from capsdist.files import write_json_atomic
-from capsdist.memory import keep_freed_memory
+from capsdist.eval import build_eval_reader, evaluate
 from capsdist.models import build_model
-from capsdist.track import JsonlSink, MetricSink, ProgressBar, WandbSink
-from capsdist.train.checkpoint import (
+from capsdist.run_dir import (
+    CHECKPOINTS,
     WEIGHTS,
     check_same_model,
-    load_latest,
-    save_checkpoint,
+    copy_file_atomic,
     tag_for,
+    write_config,
+    write_json_atomic,
+    write_status,
 )
-from capsdist.train.export import copy_weights
+from capsdist.track import JsonlSink, MetricSink, ProgressBar, build_wandb_sink
+from capsdist.train.checkpoint import load_latest, save_checkpoint
 from capsdist.train.step import (
     WindowStats,
     any_rank,
@@ -78,51 +83,55 @@ class Trainer:
 
     @property
     def ckpt_dir(self) -> Path:
-        return Path(self.cfg.run.dir) / "checkpoints"
+        return Path(self.cfg.run.dir) / CHECKPOINTS
 
 
-def run_training(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
-    """Train `cfg` to train.max_steps (or train.time_limit_s) and export the weights."""
+def run_training(cfg: Config, callbacks: Sequence[Callback] = (), meta: dict | None = None) -> dict:
+    """Train `cfg` to train.max_steps (or train.time_limit_s) and export the weights. `meta` is
+    data.root's meta.json when the caller has read it already (it is read once per job)."""
     keep_freed_memory()  # before the first large allocation
     env = DistEnv.from_environ()
     run_dir = Path(cfg.run.dir)
-    if not cfg.data.root:
-        raise ConfigError("data.root is not set: point it at shards from `capsdist data ...`")
-    check_data_matches_model(read_meta(cfg.data.root), cfg)
-    check_same_model(run_dir / "checkpoints", cfg.model)  # before anything in run.dir is written
-    micro_batch, accumulation = batch_layout(cfg, env.world_size)
+    if meta is None:
+        meta = read_meta(cfg.data.root)
+    check_data_matches_model(meta, cfg)
+    check_same_model(run_dir / CHECKPOINTS, cfg.model)  # before anything in run.dir is written
+    layout = BatchLayout.of(cfg, env.world_size)
+    ds_config = build_deepspeed_config(cfg, layout)
 
     init_process_group(env)
     trainer = None
     try:
-        device = device_for(env)
+        device = pick_device(env.local_rank)
         reader = build_reader(
             cfg,
             cfg.data.train_split,
+            meta,
             train=True,
-            batch_size=micro_batch,
+            batch_size=layout.micro_batch,
             rank=env.rank,
             world_size=env.world_size,
             device=device,
         )
-        eval_reader = build_eval_reader(cfg, device) if cfg.train.eval_every else None
+        eval_reader = build_eval_reader(cfg, meta, device) if cfg.train.eval_every else None
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        engine = build_engine(build_model(cfg.model), cfg, env)
-        resumed = load_latest(engine, run_dir / "checkpoints")
+        engine = build_engine(build_model(cfg.model), cfg, env, ds_config)
+        resumed = load_latest(engine, run_dir / CHECKPOINTS)
         start_step = resumed[0] if resumed else 0
-        trainer = Trainer(cfg, env, engine, reader, eval_reader, accumulation, callbacks=callbacks)
+        trainer = Trainer(
+            cfg, env, engine, reader, eval_reader, layout.accumulation, callbacks=callbacks
+        )
         if env.is_main:
             print(config_to_yaml(cfg), file=sys.stderr, flush=True)  # the resolved config, once
-            save_config(cfg, run_dir / "config.yaml")
-            ds_config = build_deepspeed_config(cfg, env.world_size)
+            write_config(run_dir, cfg)
             write_json_atomic(run_dir / "deepspeed_config.json", ds_config)
             if resumed:
                 print(f"resumed from {trainer.ckpt_dir} at step {start_step}", flush=True)
             write_status(run_dir, "running", start_step)
             trainer.sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
-            if cfg.wandb.mode != "disabled":
-                config_dict = {**asdict(cfg), "deepspeed": ds_config}
-                trainer.sinks.append(WandbSink(run_dir, cfg.wandb, config_dict, job_type="train"))
+            config_dict = {**asdict(cfg), "deepspeed": ds_config}
+            wandb = build_wandb_sink(run_dir, cfg.wandb, config_dict, job_type="train")
+            trainer.sinks += [wandb] if wandb else []
             trainer.bar = ProgressBar(cfg.train.max_steps, initial=start_step)
         result = train_loop(trainer, start_step)
         in_sync, shards_by_rank = replica_report(engine.module, reader.shards)
@@ -130,7 +139,7 @@ def run_training(cfg: Config, callbacks: Sequence[Callback] = ()) -> dict:
         if env.is_main:
             write_json_atomic(run_dir / "data_plan.json", {"shards_by_rank": shards_by_rank})
             final = trainer.ckpt_dir / tag_for(result["step"]) / WEIGHTS
-            copy_weights(final, run_dir / "model.safetensors")
+            copy_file_atomic(final, run_dir / WEIGHTS)
             write_json_atomic(run_dir / "train.json", result)
             write_status(run_dir, "finished", result["step"])
         return result
@@ -219,11 +228,6 @@ def evaluate_on_main(t: Trainer) -> dict[str, float]:
         dist.broadcast_object_list(shared, src=0)
         scores = shared[0]
     return scores
-
-
-def write_status(run_dir: Path, state: str, step: int) -> None:
-    """run.dir/status.json: `running` or `finished`; `capsdist validate` stops after finished."""
-    write_json_atomic(run_dir / "status.json", {"state": state, "step": step, "time": time.time()})
 
 
 def _previous_result(run_dir: Path) -> dict:

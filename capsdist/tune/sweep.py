@@ -17,18 +17,36 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
 from capsdist.config import config_to_yaml, load_config
-from capsdist.files import write_json_atomic, write_text_atomic
-from capsdist.track import ProgressBar
+from capsdist.data import read_meta
+from capsdist.run_dir import write_json_atomic, write_text_atomic
+from capsdist.track import ProgressBar, build_wandb_sink
 from capsdist.tune.spec import Dimension, SweepError, SweepSpec, format_override
 from capsdist.tune.trial import TrialBase, train_trial
 
 EXPERIMENT = "ray"  # Tune's experiment folder inside the sweep directory
 
+# The sweep's progress bar. Tune pickles its callbacks into the experiment state and, on
+# `--resume`, uses the unpickled ones: so `TrialProgress` holds no state and updates whichever bar
+# `run_sweep` opened in this process, which also keeps tqdm's stream wrapper out of the pickle.
+_BAR: ProgressBar | None = None
+
+
+class TrialProgress(tune.Callback):
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if _BAR is not None:
+            _BAR.update(1, last=trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if _BAR is not None:
+            _BAR.update(1, error=trial.trial_id)
+
 
 def _tune_domain(dim: Dimension):
-    from ray import tune
-
     if dim.kind == "grid":
         return tune.grid_search(dim.values)
     if dim.kind == "choice":
@@ -40,8 +58,7 @@ def _tune_domain(dim: Dimension):
 
 def _trial_base(spec: SweepSpec) -> TrialBase:
     base = spec.base_config()
-    if not base.data.root:
-        raise SweepError(f"{spec.path}: data.root is not set: pass data.root=DIR (shards)")
+    read_meta(base.data.root)  # before Ray starts: data.root set, and shards there
     data_root = format_override("data.root", str(Path(base.data.root).absolute()))
     return TrialBase(
         configs=tuple(str(Path(c).absolute()) for c in spec.sweep.configs),
@@ -58,7 +75,6 @@ def _trial_base(spec: SweepSpec) -> TrialBase:
 
 
 def _scheduler(spec: SweepSpec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if spec.sweep.scheduler == "fifo":
         return FIFOScheduler()
@@ -73,7 +89,6 @@ def _scheduler(spec: SweepSpec):
 
 
 def _tuner(spec: SweepSpec, resume: bool, bar_callback):
-    from ray import tune
 
     if spec.sweep.workers_per_trial == 1:
         resources = {"cpu": spec.sweep.cpus_per_trial, "gpu": spec.sweep.gpus_per_trial}
@@ -124,7 +139,6 @@ def _max_concurrent_trials(spec: SweepSpec) -> int | None:
     """sweep.max_concurrent_trials, or for multi-worker trials as many as the cluster's CPUs
     and GPUs hold: their Tune processes reserve nothing, so Tune alone would start every
     trial at once, each waiting for its workers' resources."""
-    import ray
 
     sweep = spec.sweep
     if sweep.max_concurrent_trials:
@@ -140,7 +154,6 @@ def _max_concurrent_trials(spec: SweepSpec) -> int | None:
 
 def _check_trial_fits(spec: SweepSpec) -> None:
     """A trial asking for more than the local Ray instance has would wait forever."""
-    import ray
 
     sweep = spec.sweep
     if sweep.ray_address:
@@ -160,7 +173,6 @@ def _check_trial_fits(spec: SweepSpec) -> None:
 
 
 def _init_ray(spec: SweepSpec) -> None:
-    import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
@@ -192,11 +204,8 @@ class _InterruptWatch(logging.Handler):
 
 def run_sweep(spec: SweepSpec, resume: bool = False) -> dict:
     """Run (or resume) the sweep; write the results table and the best config."""
-    import ray
-
-    from capsdist.tune import progress
-
-    progress.BAR = ProgressBar(spec.num_trials(), desc="sweep", unit="trial")
+    global _BAR
+    _BAR = ProgressBar(spec.num_trials(), desc="sweep", unit="trial")
     _init_ray(spec)
     interrupted = _InterruptWatch()
     logging.getLogger("ray.tune.tune").addHandler(interrupted)
@@ -204,11 +213,11 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> dict:
         _check_trial_fits(spec)
         # Tune prints its own status boxes even at verbose=0: keep stdout for table and JSON.
         with contextlib.redirect_stdout(sys.stderr):
-            grid = _tuner(spec, resume, progress.TrialProgress()).fit()
+            grid = _tuner(spec, resume, TrialProgress()).fit()
     finally:
         logging.getLogger("ray.tune.tune").removeHandler(interrupted)
-        progress.BAR.close()
-        progress.BAR = None
+        _BAR.close()
+        _BAR = None
         ray.shutdown()
     if interrupted.seen:  # Ctrl+C: Tune saved its state, stopped the trials and returned
         raise SweepError(
@@ -299,13 +308,11 @@ def _write_results(spec: SweepSpec, rows: list[dict]) -> dict:
 def _log_to_wandb(spec: SweepSpec, rows: list[dict], result: dict) -> None:
     """One `sweep` run in the trials' W&B group holding the results table."""
     base = spec.base_config()
-    if base.wandb.mode == "disabled":
-        return
-    from capsdist.track import WandbSink
-
     base.wandb.group = spec.sweep.name
     base.wandb.tags = ["sweep", spec.sweep.name]
-    sink = WandbSink(spec.dir, base.wandb, {"sweep": asdict(spec.sweep)}, job_type="sweep")
+    sink = build_wandb_sink(spec.dir, base.wandb, {"sweep": asdict(spec.sweep)}, job_type="sweep")
+    if sink is None:
+        return
     try:
         sink.log_table("sweep/results", list(rows[0]), [list(r.values()) for r in rows])
         sink.summary({k: v for k, v in result.items() if k != "best_config"})

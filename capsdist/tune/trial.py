@@ -9,11 +9,21 @@ every worker reports to Ray Train, which hands rank 0's metrics on to Tune.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray.train
+from ray import tune
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
 from capsdist.config import load_config
+from capsdist.data import read_meta
+from capsdist.train import on_every_rank, run_training
 from capsdist.tune.spec import format_override
+from capsdist.viz import FigureCallback
 
 # Set by export_rendezvous with os.environ.setdefault: a worker process that ran an earlier
 # trial (or a driver started under torchrun) would otherwise hand its MASTER_PORT and rank to
@@ -53,8 +63,6 @@ class TrialBase:
 
 def train_trial(params: dict, base: TrialBase) -> None:
     """Ray Tune function trainable: train one config, report `base.metric` as it goes."""
-    from ray import tune
-
     trial_id = tune.get_context().get_trial_id()
     cfg = load_config(base.configs, base.trial_overrides(params, trial_id))
     if base.workers == 1:
@@ -62,10 +70,6 @@ def train_trial(params: dict, base: TrialBase) -> None:
             os.environ.pop(key, None)
         train_and_report({"cfg": cfg, "base": base}, tune.report)
         return
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from capsdist.tune.ray_train import torch_trainer
-
     torch_trainer(
         _ray_train_worker,
         {"cfg": cfg, "base": base},
@@ -79,15 +83,11 @@ def train_trial(params: dict, base: TrialBase) -> None:
 
 
 def _ray_train_worker(config: dict) -> None:
-    import ray.train
-
     train_and_report(config, ray.train.report)
 
 
 def train_and_report(config: dict, report) -> None:
     """Run the training loop; `report` the metrics of every log line that has `base.metric`."""
-    from capsdist.train import on_every_rank, run_training
-
     cfg, base = config["cfg"], config["base"]
     reported = []
 
@@ -99,10 +99,40 @@ def train_and_report(config: dict, report) -> None:
             reported.append(step)
 
     callbacks = [report_metrics]
+    meta = read_meta(cfg.data.root)
     if base.figures:
-        from capsdist.viz.callback import FigureCallback
-
-        callbacks.insert(0, FigureCallback(cfg))
-    result = run_training(cfg, callbacks=callbacks)
+        callbacks.insert(0, FigureCallback(cfg, meta))
+    result = run_training(cfg, callbacks, meta)
     if not reported:  # a trial resumed after it had finished logs nothing: report its result
         report({**result, "run_dir": cfg.run.dir})
+
+
+def torch_trainer(
+    worker: Callable[[dict], None],
+    worker_config: dict,
+    *,
+    num_workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    name: str,
+    storage_path: str,
+    callbacks: Sequence = (),
+):
+    """A Ray Train `TorchTrainer` running `worker(worker_config)` on `num_workers` workers.
+
+    Ray Train starts the workers, sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR and joins
+    them in a torch process group (gloo on CPU, NCCL on GPU); each worker then runs the same
+    training loop as every other launcher. Used by sweeps with `sweep.workers_per_trial > 1` and
+    by `launch/ray_train.py`.
+    """
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    return TorchTrainer(
+        worker,
+        train_loop_config=worker_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks)),
+    )

@@ -1,5 +1,7 @@
 """What the figures show, computed from a live model: reconstructions, the capsule-dimension
-perturbation grid, routing coefficients, the confusion matrix, MultiMNIST's two colours.
+perturbation grid, routing coefficients, the confusion matrix, MultiMNIST's two colours; drawn
+by `capsdist viz` from exported weights (`run_viz`) and at every evaluation of a training run
+(`FigureCallback`). figures.py draws the arrays.
 
 Shapes: B batch, J classes, D class-capsule dims, I input capsules, T targets, S perturbation
 steps; images (B, C, H, W) in the model, (B, H, W, C) numpy for drawing.
@@ -7,12 +9,20 @@ steps; images (B, C, H, W) in the model, (B, H, W, C) numpy for drawing.
 
 from __future__ import annotations
 
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from capsdist.config import Config
+from capsdist.data import read_meta
+from capsdist.distributed import pick_device
+from capsdist.eval import build_eval_reader, load_model
 from capsdist.models import ModelOutput
+from capsdist.run_dir import resolve_weights
+from capsdist.track import build_wandb_sink, log_images
 from capsdist.viz import figures
 
 # The paper's Figure 4: each dimension moved from -0.25 to 0.25 in steps of 0.05 (11 columns).
@@ -126,3 +136,71 @@ def draw_figures(
         return paths
     finally:
         model.train(was_training)
+
+
+def run_viz(cfg: Config, out: str = "") -> dict:
+    """`capsdist viz`: the figures of cfg.ckpt's exported weights on a batch of the evaluation
+    split, into `out` (default: figures/ beside the weights) and, unless disabled, W&B."""
+    weights = resolve_weights(cfg.ckpt)
+    device = pick_device()
+    model = load_model(weights, cfg, device)
+    reader = build_eval_reader(cfg, read_meta(cfg.data.root), device)
+    batch = next(iter(reader.epoch(0)))
+    out_dir = Path(out) if out else weights.parent / "figures"
+    paths = draw_figures(
+        model,
+        batch.images,
+        out_dir,
+        labels=batch.labels,
+        num_targets=cfg.model.num_targets,
+        reader=reader,
+        title=weights.parent.name,
+    )
+    sink = build_wandb_sink(out_dir, cfg.wandb, asdict(cfg), job_type="viz")
+    if sink is not None:
+        try:
+            sink.log_images(0, {f"figures/{name}": path for name, path in paths.items()})
+        finally:
+            sink.close()
+    return {"figures": {name: str(path) for name, path in paths.items()}, "out": str(out_dir)}
+
+
+class FigureCallback:
+    """A training callback (`run_training(cfg, [FigureCallback(cfg, meta)], meta)`; `meta` is
+    data.root's meta.json, read once by the caller).
+
+    Draws when the metrics hold `eval_accuracy` (every train.eval_every steps and at the end),
+    from a fixed batch of the evaluation split, so successive figures are comparable. The PNGs
+    in run.dir/figures/ are the latest; W&B keeps every evaluation's (images by step), logged
+    to the training loop's own W&B run when there is one.
+    """
+
+    def __init__(self, cfg: Config, meta: dict, max_confusion_batches: int = 10):
+        self.cfg, self.meta = cfg, meta
+        self.out_dir = Path(cfg.run.dir) / "figures"
+        self.max_confusion_batches = max_confusion_batches
+        self._reader = None
+        self._batch = None
+
+    def __call__(self, step: int, metrics: dict[str, float], model: torch.nn.Module) -> None:
+        if "eval_accuracy" not in metrics:
+            return
+        if self._reader is None:
+            device = next(model.parameters()).device
+            self._reader = build_eval_reader(self.cfg, self.meta, device)
+            self._batch = next(iter(self._reader.epoch(0)))
+        paths = draw_figures(
+            model,
+            self._batch.images,
+            self.out_dir,
+            labels=self._batch.labels,
+            num_targets=self.cfg.model.num_targets,
+            reader=self._reader,
+            max_confusion_batches=self.max_confusion_batches,
+            title=f"step {step}",
+        )
+        # The training loop's W&B run is wandb.run in this process; only if the loop imported
+        # W&B (never start W&B here).
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            log_images(wandb.run, step, {f"figures/{name}": path for name, path in paths.items()})

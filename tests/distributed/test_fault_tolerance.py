@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from capsdist.dist.env import free_port
+from capsdist.distributed import free_port
 from tests.conftest import ROOT, CliResult, cli_env, run_capsdist
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

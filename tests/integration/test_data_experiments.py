@@ -68,23 +68,23 @@ def test_affnist_experiment_reports_both_accuracies(mnist_sample, tmp_path):
 
 def test_cifar_shaped_shards_feed_a_24x24_model_through_the_config(tmp_path):
     from capsdist.config import load_config
-    from capsdist.data import build_reader, read_meta
-    from capsdist.data.checks import check_data_matches_model
+    from capsdist.data import build_reader, check_data_matches_model, read_meta
     from data_tools import make_synthetic_shards
 
     make_synthetic_shards(
         tmp_path / "c", n_train=64, n_test=20, image_shape=(32, 32, 3), dataset="cifar10"
     )
     cfg = load_config(["configs/cifar10.yaml"], [f"data.root={tmp_path}/c"])
-    check_data_matches_model(read_meta(cfg.data.root), cfg)  # 32x32 shards, 24x24 model: fine
-    train = build_reader(cfg, "train", train=True, batch_size=16)
+    meta = read_meta(cfg.data.root)
+    check_data_matches_model(meta, cfg)  # 32x32 shards, 24x24 model: fine
+    train = build_reader(cfg, "train", meta, train=True, batch_size=16)
     x, y, _ = next(train.epoch(0))
     assert x.shape == (16, 3, 24, 24) and abs(float(x.mean())) < 1e-3  # standardised
-    test = build_reader(cfg, "test", train=False, batch_size=20)
+    test = build_reader(cfg, "test", meta, train=False, batch_size=20)
     first, second = next(test.epoch(0)).images, next(test.epoch(0)).images
     assert first.shape == (20, 3, 24, 24) and first.equal(second)  # centre crop: fixed
     small = load_config(
         ["configs/cifar10.yaml"], [f"data.root={tmp_path}/c", "model.image_shape=[40,40,3]"]
     )
     with pytest.raises(Exception, match="can only crop"):
-        check_data_matches_model(read_meta(cfg.data.root), small)
+        check_data_matches_model(meta, small)

@@ -11,8 +11,9 @@ import yaml
 from safetensors.torch import save_file
 
 from capsdist.config import load_config
-from capsdist.eval.evaluate import build_eval_reader, load_model
-from capsdist.train.export import load_weights
+from capsdist.data import read_meta
+from capsdist.eval import build_eval_reader, load_model
+from capsdist.run_dir import load_weights
 from tests.conftest import run_capsdist
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def by_hand(mnist_sample, members):
     models = [load_model(members / f"m{i}" / "model.safetensors", cfg, "cpu") for i in range(3)]
     lengths, labels = [[] for _ in models], []
     with torch.no_grad():
-        for batch in build_eval_reader(cfg, torch.device("cpu")).epoch(0):
+        for batch in build_eval_reader(cfg, read_meta(cfg.data.root), torch.device("cpu")).epoch(0):
             labels.append(batch.labels)
             for i, model in enumerate(models):
                 lengths[i].append(model(batch.images).lengths)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from capsdist.config import ConfigError, load_config, parse_hparams_override, save_config
-from capsdist.config.docs import field_docs
+from capsdist.config import ConfigError, field_docs, load_config, parse_hparams_override
+from capsdist.run_dir import write_config
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
 
@@ -68,7 +68,7 @@ def test_hparams_override_maps_onto_schema():
 
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(["configs/mnist.yaml"], ["seed=7"])
-    save_config(cfg, tmp_path / "config.yaml")
+    write_config(tmp_path, cfg)
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["seed"] == 7
     assert load_config([tmp_path / "config.yaml"]) == cfg
 
@@ -87,11 +87,13 @@ def test_runtime_settings_and_keys_added_later_do_not_make_a_different_model():
     from dataclasses import asdict
 
     from capsdist.config import ModelConfig
-    from capsdist.train.checkpoint import model_differences
+    from capsdist.run_dir import model_differences
 
     saved = asdict(ModelConfig())
     del saved["channels_last"]  # a checkpoint written before the key existed
     assert model_differences(saved, ModelConfig(compile=True)) == []
+    # fused_routing too: weights trained with the fused CPU kernel load into the torch-ops path
+    assert model_differences(saved, ModelConfig(fused_routing=False, channels_last=True)) == []
     assert model_differences(saved, ModelConfig(num_prime_capsules=8)) == [
         "model.num_prime_capsules: 32 there, 8 here"
     ]

@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from capsdist.data import read_meta
+from capsdist.data import ShardReader, read_meta, read_split_arrays
 from data_tools import (
     DataToolError,
     make_affnist,
@@ -18,9 +18,15 @@ from data_tools import (
     make_multimnist,
     make_smallnorb,
 )
-from data_tools.from_shards import load_split
-from data_tools.output import write_array_dataset
+from data_tools.shards import write_array_dataset
 from tests.unit.test_data_idx import write_mnist
+
+
+def load_split(root, split, dataset="mnist"):
+    """(uint8 images, labels, meta) of a converted split, read back through capsdist.data."""
+    meta = read_meta(root)
+    assert meta["dataset"] == dataset and meta["num_targets"] == 1
+    return (*read_split_arrays(root, split, meta), meta)
 
 
 def test_fashion_mnist_idx_files(tmp_path):
@@ -166,9 +172,7 @@ def test_multimnist_pairs_are_36x36_two_classes_shifts_within_6(marked_mnist, tm
     meta = read_meta(tmp_path / "mm")
     assert meta["image_shape"] == [36, 36, 1] and meta["recon_shape"] == [2, 36, 36, 1]
     assert meta["num_targets"] == 2 and meta["splits"] == {"train": 180, "test": 90}
-    from capsdist.data import ShardReader
-
-    reader = ShardReader(tmp_path / "mm", "test", batch_size=90, train=False)
+    reader = ShardReader(tmp_path / "mm", "test", meta, batch_size=90, train=False)
     images, labels, recon = next(reader.epoch(0))
     assert images.shape == (90, 1, 36, 36) and recon.shape == (90, 2, 1, 36, 36)
     assert torch_all(labels[:, 0] != labels[:, 1])

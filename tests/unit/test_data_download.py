@@ -1,5 +1,6 @@
 """Downloads against a local HTTP server: retries, resume via Range, checksums; safe unpacking."""
 
+import dataclasses
 import gzip
 import hashlib
 import http.server
@@ -14,6 +15,7 @@ import pytest
 from capsdist.data import read_meta
 from data_tools import DataToolError, make_mnist
 from data_tools import download as dl
+from data_tools.converters import CONVERTERS
 from tests.unit.test_data_idx import write_mnist
 
 
@@ -95,7 +97,8 @@ def test_mnist_without_src_downloads_checks_and_converts(server, tmp_path, monke
     for path in sorted(src.iterdir()):
         handler.files["/" + path.name] = path.read_bytes()
         sources.append(dl.Source(f"https://example.invalid/{path.name}", md5(path.read_bytes())))
-    monkeypatch.setitem(dl.SOURCES, "mnist", tuple(sources))  # this test's files, their md5s
+    mnist = dataclasses.replace(CONVERTERS["mnist"], sources=tuple(sources))
+    monkeypatch.setitem(CONVERTERS, "mnist", mnist)  # this test's files and their md5s
     handler.drops["/" + sources[0].name] = 1
     result = make_mnist(None, tmp_path / "out", mirror=url, progress=False)
     assert result["splits"] == {"train": 30, "test": 10}

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from capsdist.data import ShardReader
+from capsdist.data import ShardReader, read_meta
 from data_tools import DataToolError, make_mnist
-from data_tools.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
+from data_tools.formats import IMAGES_MAGIC, LABELS_MAGIC, read_idx
 
 
 def write_idx(path, array, magic, gz=False):
@@ -37,7 +37,7 @@ def write_mnist(src, rng, n_train=50, n_test=20, gz=False):
 
 def read_all(root, split, batch_size=7):
     """Every sample of a split in file order, via the eval reader → uint8 (N, H, W), labels."""
-    reader = ShardReader(root, split, batch_size=batch_size, train=False)
+    reader = ShardReader(root, split, read_meta(root), batch_size=batch_size, train=False)
     images, labels, _ = zip(*reader.epoch(0), strict=True)
     pixels = torch.cat(images).mul(255).round().to(torch.uint8)[:, 0]  # (N, H, W)
     return pixels.numpy(), torch.cat(labels).numpy()

@@ -5,10 +5,11 @@ import itertools
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
-from capsdist.data import DataError, ShardReader, read_meta
+from capsdist.data import Augmentation, DataError, ShardReader, read_meta
 from data_tools import make_synthetic_shards
 
 # 8 train shards of 25 (200 samples), 2 test shards of 25.
@@ -40,6 +41,12 @@ def assert_same_batches(a, b):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+def reader_of(root, split, shift_pixels=0, **kwargs):
+    """A ShardReader with meta.json read here, as callers do (once, then passed down)."""
+    augment = Augmentation(shift_pixels=shift_pixels)
+    return ShardReader(root, split, read_meta(root), augment=augment, **kwargs)
+
+
 def edit_meta(root, **changes):
     meta = json.loads((root / "meta.json").read_text())
     meta.update(changes)
@@ -47,7 +54,7 @@ def edit_meta(root, **changes):
 
 
 def test_batches_shapes_types_and_counts(shards):
-    train = ShardReader(shards, "train", batch_size=16, shift_pixels=2)
+    train = reader_of(shards, "train", batch_size=16, shift_pixels=2)
     batches = list(train.epoch(0))
     assert train.batches_per_epoch == N_TRAIN // 16 == len(batches)  # drop_last
     x, y, recon_targets = batches[0]
@@ -55,16 +62,16 @@ def test_batches_shapes_types_and_counts(shards):
     assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32
     assert y.shape == (16,) and y.dtype == torch.int64
     assert x.min() >= 0 and x.max() <= 1 and x.is_contiguous()
-    test = ShardReader(shards, "test", batch_size=16, train=False)
+    test = reader_of(shards, "test", batch_size=16, train=False)
     sizes = [len(y) for _, y, _ in test.epoch(0)]
     assert test.batches_per_epoch == len(sizes) and sizes == [16, 16, 16, 2]  # last kept
 
 
 def test_two_ranks_read_disjoint_halves_of_the_split(shards):
-    everything = digests(ShardReader(shards, "train", batch_size=10, train=False).epoch(0))
+    everything = digests(reader_of(shards, "train", batch_size=10, train=False).epoch(0))
     for train in (False, True):
         readers = [
-            ShardReader(shards, "train", batch_size=10, rank=r, world_size=2, train=train)
+            reader_of(shards, "train", batch_size=10, rank=r, world_size=2, train=train)
             for r in (0, 1)
         ]
         parts = [digests(reader.epoch(0)) for reader in readers]
@@ -74,29 +81,29 @@ def test_two_ranks_read_disjoint_halves_of_the_split(shards):
 
 def test_eval_rank_without_shards_is_an_error(shards):
     with pytest.raises(DataError, match="rank 9 gets none"):
-        ShardReader(shards, "test", batch_size=4, rank=9, world_size=10, train=False)
+        reader_of(shards, "test", batch_size=4, rank=9, world_size=10, train=False)
 
 
 def test_too_few_shards_for_ranks_x_workers_resamples(shards):
     # 2 test shards of 25 for 4 ranks: every rank draws whole shards, 50 // 4 = 12 samples each.
     readers = [
-        ShardReader(shards, "test", batch_size=4, rank=r, world_size=4, seed=3) for r in range(4)
+        reader_of(shards, "test", batch_size=4, rank=r, world_size=4, seed=3) for r in range(4)
     ]
     assert all(r.resampled and r.batches_per_epoch == 3 for r in readers)
-    everything = set(digests(ShardReader(shards, "test", batch_size=10, train=False).epoch(0)))
+    everything = set(digests(reader_of(shards, "test", batch_size=10, train=False).epoch(0)))
     for reader in readers:
         first = digests(reader.epoch(0))
         assert len(first) == 12 and set(first) <= everything
         assert first == digests(reader.epoch(0))  # deterministic in (seed, rank, epoch)
     assert digests(readers[0].epoch(0)) != digests(readers[1].epoch(0))
     # 2 shards < 2 ranks x 2 workers: 25 samples per rank, 13 + 12 per worker, batches of 5.
-    workers = ShardReader(shards, "test", batch_size=5, world_size=2, num_workers=2)
+    workers = reader_of(shards, "test", batch_size=5, world_size=2, num_workers=2)
     assert workers.resampled and len(list(workers.epoch(0))) == workers.batches_per_epoch == 4
 
 
 def test_training_order_is_a_function_of_seed_rank_epoch(shards):
     def reader(seed=0, shift=2):
-        return ShardReader(
+        return reader_of(
             shards,
             "train",
             batch_size=20,
@@ -116,17 +123,17 @@ def test_training_order_is_a_function_of_seed_rank_epoch(shards):
 
 def test_eval_order_is_fixed_and_unshifted(shards):
     def reader():
-        return ShardReader(shards, "train", batch_size=20, train=False, shift_pixels=2)
+        return reader_of(shards, "train", batch_size=20, train=False, shift_pixels=2)
 
     assert_same_batches(reader().epoch(0), reader().epoch(3))
     labels = torch.cat([y for _, y, _ in reader().epoch(0)])
-    first = ShardReader(shards, "train", batch_size=200, train=False, max_examples=30)
+    first = reader_of(shards, "train", batch_size=200, train=False, max_examples=30)
     x, y, _ = next(first.epoch(0))
     assert first.num_examples == 30 and torch.equal(y, labels[:30])
 
 
 def test_resume_equals_the_tail_across_an_epoch_boundary(shards):
-    reader = ShardReader(shards, "train", batch_size=16, shift_pixels=2, shuffle_buffer=40)
+    reader = reader_of(shards, "train", batch_size=16, shift_pixels=2, shuffle_buffer=40)
     per_epoch = reader.batches_per_epoch  # 12
     for start in (5, per_epoch + 3):
         expected = itertools.islice(reader.batches(0), start, start + per_epoch)
@@ -134,18 +141,40 @@ def test_resume_equals_the_tail_across_an_epoch_boundary(shards):
 
 
 def test_dataloader_workers(shards):
-    reader = ShardReader(shards, "train", batch_size=10, num_workers=2, shift_pixels=1)
+    reader = reader_of(shards, "train", batch_size=10, num_workers=2, shift_pixels=1)
     first = list(reader.epoch(0))
     assert len(first) == reader.batches_per_epoch == N_TRAIN // 10
     assert_same_batches(first, reader.epoch(0))
-    everything = digests(ShardReader(shards, "train", batch_size=10, train=False).epoch(0))
-    parallel = ShardReader(shards, "train", batch_size=10, train=False, num_workers=2)
+    everything = digests(reader_of(shards, "train", batch_size=10, train=False).epoch(0))
+    parallel = reader_of(shards, "train", batch_size=10, train=False, num_workers=2)
     assert sorted(digests(parallel.epoch(0))) == sorted(everything)
 
 
 def test_missing_meta_says_how_to_make_it(tmp_path):
     with pytest.raises(DataError, match="meta.json.*capsdist data"):
         read_meta(tmp_path)
+    for unset in ("", None):
+        with pytest.raises(DataError, match="data.root is not set: point it at shards"):
+            read_meta(unset)
+
+
+def test_training_reader_without_augment_does_not_augment(shards):
+    # The shift's default lives in the config schema only (data.shift_pixels), not here.
+    plain = ShardReader(shards, "train", read_meta(shards), batch_size=20, shuffle_buffer=50)
+    assert not plain.augment.random
+    everything = digests(reader_of(shards, "train", batch_size=20, train=False).epoch(0))
+    assert sorted(digests(plain.epoch(0))) == sorted(everything)  # shuffled, not shifted
+
+
+def test_read_split_arrays_is_the_eval_order_in_uint8(shards):
+    from capsdist.data import read_split_arrays
+
+    images, labels = read_split_arrays(shards, "test", read_meta(shards))
+    assert images.dtype == np.uint8 and images.shape == (50, 28, 28, 1) and labels.shape == (50,)
+    x, y, _ = zip(*reader_of(shards, "test", batch_size=7, train=False).epoch(0), strict=True)
+    pixels = torch.cat(x).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(images, pixels)
+    np.testing.assert_array_equal(labels, torch.cat(y).numpy())
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -156,7 +185,7 @@ def test_truncated_shard_is_named(copy, num_workers, cut):
     # Each sample: 512-byte header + 1024 bytes of pixels, 512-byte header + 512 of label.
     end = len(data) // 2 if cut == "half" else 14 * 2560 + 512 + 100
     shard.write_bytes(data[:end])
-    reader = ShardReader(copy, "train", batch_size=10, num_workers=num_workers)
+    reader = reader_of(copy, "train", batch_size=10, num_workers=num_workers)
     with pytest.raises(DataError) as info:
         list(reader.epoch(0))
     message = str(info.value)
@@ -172,7 +201,7 @@ def test_shard_cut_between_samples_is_named(copy):
     shard = copy / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[: 10 * 2560])  # 10 whole samples (2 members each)
     with pytest.raises(DataError, match="train-000001.tar: holds 10 samples, meta.json says 25"):
-        list(ShardReader(copy, "train", batch_size=10, train=False).epoch(0))
+        list(reader_of(copy, "train", batch_size=10, train=False).epoch(0))
 
 
 def test_image_size_must_match_meta(copy):
@@ -180,7 +209,7 @@ def test_image_size_must_match_meta(copy):
     with pytest.raises(
         DataError, match=r"train-000000.tar: sample train_00000000: img.u8 holds 784"
     ):
-        list(ShardReader(copy, "train", batch_size=10, train=False).epoch(0))
+        list(reader_of(copy, "train", batch_size=10, train=False).epoch(0))
 
 
 def test_label_out_of_range_is_named(copy):
@@ -188,13 +217,13 @@ def test_label_out_of_range_is_named(copy):
     with pytest.raises(
         DataError, match=r"train-000000.tar: sample train_\d{8}: label\(s\) [1-9] do"
     ):
-        list(ShardReader(copy, "train", batch_size=10, train=False).epoch(0))
+        list(reader_of(copy, "train", batch_size=10, train=False).epoch(0))
 
 
 def test_missing_shard_is_named(copy):
     (copy / "test-000001.tar").unlink()
     with pytest.raises(DataError, match="test-000001.tar: shard listed in meta.json is missing"):
-        ShardReader(copy, "test", batch_size=10, train=False)
+        reader_of(copy, "test", batch_size=10, train=False)
 
 
 def test_corrupt_header_names_shard_and_sample(copy):
@@ -203,19 +232,19 @@ def test_corrupt_header_names_shard_and_sample(copy):
     data[4 * 2560 + 124] ^= 0x01  # a size digit of sample 4's img.u8 header (key ...054)
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"train-000002.tar: .*sample train_00000054"):
-        list(ShardReader(copy, "train", batch_size=10, train=False).epoch(0))
+        list(reader_of(copy, "train", batch_size=10, train=False).epoch(0))
 
 
 def test_on_error_skip_leaves_bad_samples_out_and_counts_them(copy):
     shard = copy / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[: 10 * 2560 + 700])  # 10 good samples, then cut
     edit_meta(copy, num_classes=5)  # labels 5-9 are now out of range
-    reader = ShardReader(copy, "train", batch_size=10, train=False, on_error="skip")
+    reader = reader_of(copy, "train", batch_size=10, train=False, on_error="skip")
     labels = torch.cat([y for _, y, _ in reader.epoch(0)])
     assert labels.max() < 5
     assert reader.num_skipped == N_TRAIN - len(labels) and 15 <= reader.num_skipped < N_TRAIN
     with pytest.raises(DataError):
-        list(ShardReader(copy, "train", batch_size=10, train=False).epoch(0))
+        list(reader_of(copy, "train", batch_size=10, train=False).epoch(0))
 
 
 def test_shards_stay_readable_by_webdataset_and_tar_both_ways(shards, tmp_path):
@@ -223,7 +252,7 @@ def test_shards_stay_readable_by_webdataset_and_tar_both_ways(shards, tmp_path):
 
     import webdataset as wds
 
-    ours = digests(ShardReader(shards, "test", batch_size=10, train=False).epoch(0))
+    ours = digests(reader_of(shards, "test", batch_size=10, train=False).epoch(0))
     theirs = [
         hashlib.sha1(
             (torch.frombuffer(bytearray(s["img.u8"]), dtype=torch.uint8).float() / 255)
@@ -240,5 +269,5 @@ def test_shards_stay_readable_by_webdataset_and_tar_both_ways(shards, tmp_path):
     with wds.TarWriter(str(copy / "test-000000.tar")) as sink:
         for sample in wds.WebDataset(str(shards / "test-000000.tar"), shardshuffle=False):
             sink.write({k: v for k, v in sample.items() if k in ("__key__", "img.u8", "cls")})
-    again = digests(ShardReader(copy, "test", batch_size=10, train=False).epoch(0))
+    again = digests(reader_of(copy, "test", batch_size=10, train=False).epoch(0))
     assert again == ours

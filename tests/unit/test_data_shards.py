@@ -33,7 +33,7 @@ def test_mnist_sample_is_4000_1000_stratified(sample_dir):
     assert meta["label_counts"] == {"train": [400] * 10, "test": [100] * 10}
     # ... and the shards agree with meta.json.
     for split, per_class in (("train", 400), ("test", 100)):
-        reader = ShardReader(sample_dir, split, batch_size=500, train=False)
+        reader = ShardReader(sample_dir, split, meta, batch_size=500, train=False)
         labels = torch.cat([y for _, y, _ in reader.epoch(0)])
         assert torch.bincount(labels, minlength=10).tolist() == [per_class] * 10
 
@@ -42,8 +42,9 @@ def test_mnist_sample_splits_partition_the_5k_digits(sample_dir):
     images, _ = load_mnist_5k(mnist_5k_path())
     source = sorted(hashlib.sha1(im.tobytes()).hexdigest() for im in images)
     seen = []
+    meta = read_meta(sample_dir)
     for split in ("train", "test"):
-        reader = ShardReader(sample_dir, split, batch_size=1000, train=False)
+        reader = ShardReader(sample_dir, split, meta, batch_size=1000, train=False)
         for x, _, _ in reader.epoch(0):
             pixels = x.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
             seen += [hashlib.sha1(p.tobytes()).hexdigest() for p in pixels]
@@ -83,7 +84,7 @@ def test_meta_matches_the_files(tmp_path):
         **{"test-000000.tar": 16, "test-000001.tar": 4},
     }
     # mean/std are those of the train split's pixels / 255.
-    reader = ShardReader(tmp_path, "train", batch_size=50, train=False)
+    reader = ShardReader(tmp_path, "train", meta, batch_size=50, train=False)
     x = torch.cat([x for x, _, _ in reader.epoch(0)]).double()
     assert meta["mean"] == pytest.approx([x.mean().item()], abs=1e-6)
     assert meta["std"] == pytest.approx([x.std(unbiased=False).item()], abs=1e-6)
@@ -116,11 +117,12 @@ def test_unreadable_meta_is_not_overwritten(tmp_path):
 
 def test_two_target_synthetic_labels(tmp_path):
     make_synthetic_shards(tmp_path, n_train=32, n_test=8, num_targets=2)
-    assert read_meta(tmp_path)["num_targets"] == 2
+    meta = read_meta(tmp_path)
+    assert meta["num_targets"] == 2
     with tarfile.open(tmp_path / "train-000000.tar") as tar:
         cls = tar.extractfile("train_00000000.cls").read()
     assert len(cls.split(b",")) == 2
-    x, y, _ = next(iter(ShardReader(tmp_path, "train", batch_size=8).epoch(0)))
+    x, y, _ = next(iter(ShardReader(tmp_path, "train", meta, batch_size=8).epoch(0)))
     assert x.shape == (8, 1, 28, 28) and y.shape == (8, 2) and y.dtype == torch.int64
     assert bool((y[:, 0] != y[:, 1]).all())
 

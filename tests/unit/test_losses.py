@@ -40,3 +40,18 @@ def test_two_target_accuracy_needs_both_labels_in_top_two():
     out = ModelOutput(lengths=torch.tensor([[0.9, 0.1, 0.8], [0.9, 0.7, 0.1]]))
     labels = torch.tensor([[2, 0], [0, 2]])
     assert int(num_correct(out, labels)) == 1
+
+
+def test_reconstruction_slot_t_is_scored_against_target_t():
+    """MultiMNIST: reconstruction slot t (decoded from label t) against source digit t."""
+    digit_a, digit_b = torch.zeros(1, 1, 2), torch.ones(1, 1, 2)
+    out = ModelOutput(
+        lengths=torch.tensor([[0.0, 0.0, 0.95, 0.0, 0.0, 0.0, 0.0, 0.95]]),
+        reconstruction=torch.stack([digit_a, digit_b])[None],  # (B=1, T=2, C, H, W)
+    )
+    labels = torch.tensor([[7, 2]])  # base digit first
+    in_order = torch.stack([digit_a, digit_b])[None]
+    _, parts = compute_loss(out, labels, in_order, LossConfig())
+    assert float(parts["reconstruction_loss"]) == 0.0
+    _, parts = compute_loss(out, labels, in_order.flip(1), LossConfig())
+    assert float(parts["reconstruction_loss"]) == pytest.approx(2 * 2)  # both slots, 2 pixels

@@ -49,21 +49,26 @@ def test_reference_initialisation():
     assert torch.all(model.classes.bias == 0.1) and torch.all(model.conv1.bias == 0.1)
 
 
-def test_decoder_masks_by_label_in_training_and_prediction_in_eval():
+def test_decoder_masks_by_labels_in_training_and_eval_and_by_prediction_without_labels():
+    """As the reference's remake: given labels mask the decoder in evaluation too, so the eval
+    loss of a misclassified image is that of its true label's reconstruction."""
     cfg = load_config(["configs/debug_cpu.yaml"])
+    torch.manual_seed(0)
     model = build_model(cfg.model)
     images = torch.rand(4, 1, 28, 28)
-    model.eval()
     with torch.no_grad():
-        out = model(images)
-        predicted = out.lengths.argmax(-1)
-        wrong = (predicted + 1) % 10
-        assert torch.allclose(model(images, wrong).reconstruction, out.reconstruction)
-        model.train()
-        by_label = model(images, wrong).reconstruction
+        model.eval()
+        unlabelled = model(images)
+        predicted = unlabelled.lengths.argmax(-1)
+        wrong = (predicted + 1) % 10  # every prediction is wrong for these labels
+        eval_by_label = model(images, wrong).reconstruction
         by_prediction = model(images, predicted).reconstruction
-    assert not torch.allclose(by_label, out.reconstruction)
-    assert torch.allclose(by_prediction, out.reconstruction, atol=1e-6)
+        model.train()  # no dropout: training mode computes the same function
+        train_by_label = model(images, wrong).reconstruction
+    torch.testing.assert_close(eval_by_label, train_by_label)
+    torch.testing.assert_close(by_prediction, unlabelled.reconstruction)
+    per_image_change = (eval_by_label - unlabelled.reconstruction).abs().flatten(1).amax(1)
+    assert (per_image_change > 1e-4).all()
 
 
 def test_two_target_model_reconstructs_each_digit():
@@ -73,6 +78,24 @@ def test_two_target_model_reconstructs_each_digit():
     model = build_model(cfg.model)
     out = model(torch.rand(3, 1, 36, 36), torch.tensor([[1, 2], [3, 4], [5, 6]]))
     assert out.reconstruction.shape == (3, 2, 1, 36, 36)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_two_target_slots_follow_the_given_label_order(mode):
+    """MultiMNIST stores the base digit first, often the larger class: slot t must be decoded
+    from label t (the loss pairs slot t with source digit t), not from the ascending top-2."""
+    cfg = load_config(
+        ["configs/debug_cpu.yaml"], ["model.num_targets=2", "model.image_shape=[36,36,1]"]
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train(mode == "train")
+    with torch.no_grad():
+        out = model(torch.rand(1, 1, 36, 36), torch.tensor([[7, 2]]))
+        from_7 = model.decoder(out.poses, torch.tensor([[7]]))[:, 0]
+        from_2 = model.decoder(out.poses, torch.tensor([[2]]))[:, 0]
+    torch.testing.assert_close(out.reconstruction[:, 0], from_7)
+    torch.testing.assert_close(out.reconstruction[:, 1], from_2)
+    assert not torch.allclose(from_7, from_2)
 
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():

@@ -8,11 +8,11 @@ import torch
 from matplotlib.image import imread
 
 from capsdist.config import load_config
-from capsdist.eval.evaluate import build_eval_reader
+from capsdist.data import read_meta
+from capsdist.eval import build_eval_reader
 from capsdist.models import build_model
 from capsdist.viz import figures
-from capsdist.viz.callback import FigureCallback
-from capsdist.viz.draw import DELTAS, draw_figures, perturbed_reconstructions
+from capsdist.viz.draw import DELTAS, FigureCallback, draw_figures, perturbed_reconstructions
 from data_tools.synthetic import make_synthetic_shards
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -28,7 +28,7 @@ def assert_valid_png(path):
 def _model_and_reader(cfg):
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    return model, build_eval_reader(cfg, torch.device("cpu"))
+    return model, build_eval_reader(cfg, read_meta(cfg.data.root), torch.device("cpu"))
 
 
 @pytest.mark.slow
@@ -106,7 +106,7 @@ def test_figure_callback_draws_only_at_evaluations(mnist_sample, tmp_path):
     )
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    callback = FigureCallback(cfg, max_confusion_batches=1)
+    callback = FigureCallback(cfg, read_meta(cfg.data.root), max_confusion_batches=1)
     callback(10, {"loss": 1.0}, model)
     assert not (tmp_path / "figures").exists()
     callback(20, {"loss": 1.0, "eval_accuracy": 0.5}, model)

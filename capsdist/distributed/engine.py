@@ -1,4 +1,6 @@
-"""Wrap a model in a DeepSpeed engine: process group, reference optimiser and LR schedule."""
+"""DeepSpeed from outside the model: the batch layout and the DeepSpeed config (each computed once
+per run, in this module only), the process group, and the engine with the reference's optimiser
+and learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -11,8 +13,47 @@ import torch
 import torch.distributed as dist
 
 from capsdist.config.schema import Config, ConfigError, TrainConfig
-from capsdist.dist.deepspeed_config import build_deepspeed_config
-from capsdist.dist.env import DistEnv, export_rendezvous
+from capsdist.distributed.env import DistEnv, export_rendezvous
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the global `train.batch_size` splits into ranks × micro-batch × accumulation steps."""
+
+    micro_batch: int
+    """Samples per rank and forward pass."""
+    accumulation: int
+    """Micro-batches per optimizer step."""
+
+    @classmethod
+    def of(cls, cfg: Config, world_size: int) -> BatchLayout:
+        global_batch = cfg.train.batch_size
+        micro = cfg.train.micro_batch_size or global_batch // world_size
+        if micro < 1 or global_batch % (micro * world_size):
+            raise ConfigError(
+                f"train.batch_size={global_batch} is not divisible by world size {world_size} × "
+                f"train.micro_batch_size={micro}: pick a global batch that is a multiple of "
+                f"{micro * world_size if micro else world_size}"
+            )
+        return cls(micro, global_batch // (micro * world_size))
+
+
+def build_deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
+    """Everything DeepSpeed needs; the optimiser and LR schedule are passed as objects (the
+    reference's Adam + exponential decay), so none are declared here."""
+    return {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.accumulation,
+        "zero_optimization": {"stage": cfg.ds.zero_stage},
+        # A client (torch) Adam under ZeRO is fine for us; DeepSpeed asks to be told so.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.ds.precision == "bf16"},
+        "fp16": {"enabled": cfg.ds.precision == "fp16"},
+        "gradient_clipping": cfg.ds.gradient_clipping,
+        "steps_per_print": 2**31 - 1,  # our progress bar reports; silence DeepSpeed's own
+        "wall_clock_breakdown": False,
+    }
 
 
 @dataclass
@@ -45,13 +86,6 @@ def import_deepspeed():
     return deepspeed
 
 
-def device_for(env: DistEnv) -> torch.device:
-    """This rank's device: its local GPU, or the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank)
-    return torch.device("cpu")
-
-
 def init_process_group(env: DistEnv) -> None:
     """Join the job's process group (gloo on CPU, NCCL on GPU) before anything collective."""
     export_rendezvous(env)
@@ -80,8 +114,9 @@ def _init_elastic_process_group(env: DistEnv, backend: str) -> None:
     dist.init_process_group(backend, store=prefixed, rank=env.rank, world_size=env.world_size)
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, env: DistEnv):
-    """The DeepSpeed engine around `model`, with the reference's Adam and learning-rate decay."""
+def build_engine(model: torch.nn.Module, cfg: Config, env: DistEnv, ds_config: dict):
+    """The DeepSpeed engine around `model` (DeepSpeed config `ds_config`, from
+    `build_deepspeed_config`), with the reference's Adam and learning-rate decay."""
     if cfg.ds.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("ds.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16)")
     deepspeed = import_deepspeed()
@@ -98,6 +133,6 @@ def build_engine(model: torch.nn.Module, cfg: Config, env: DistEnv):
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=build_deepspeed_config(cfg, env.world_size),
+        config=ds_config,
     )
     return engine

@@ -1,4 +1,6 @@
-"""MultiMNIST and expanded MNIST: the reference's shift tool (`mnist_shift.py`), re-done.
+"""Data sets made from MNIST shards: MultiMNIST, expanded MNIST and affNIST-like.
+
+MultiMNIST and expanded MNIST redo the reference's shift tool (`mnist_shift.py`).
 
 MultiMNIST (`--shift 6 --pad 4 --pairs N`): every digit is padded by 4 to 36x36 and shifted by
 its own random integer (dy, dx) in -6..6 with zero fill. For each base image the reference
@@ -6,13 +8,18 @@ draws 2N other images without replacement, keeps those of a DIFFERENT class and 
 N; each pair becomes one sample: the merged image min(base + other, 255), both labels (base
 first) and both shifted digits (`recon.u8`, (2, 36, 36, 1)), which the decoder reconstructs
 from the capsule of their own label. Train pairs come from MNIST's train split, test pairs from
-its test split (paper: 60,000 x 1,000 and 10,000 x 1,000).
-
-Samples are written pair-round by pair-round (round j holds the j-th pair of every base), so
-consecutive samples have different base digits and a shuffle buffer sees a mix.
+its test split (paper: 60,000 x 1,000 and 10,000 x 1,000). Samples are written pair-round by
+pair-round (round j holds the j-th pair of every base), so consecutive samples have different
+base digits and a shuffle buffer sees a mix.
 
 Expanded MNIST (`--shift 6 --pad 6`): each digit padded to 40x40 and placed at a random shift,
 `--copies` times: the training set of the affNIST generalisation experiment.
+
+affNIST-like (`capsdist data affnist-like`): when the real affNIST (`capsdist data affnist`) is
+not at hand, MNIST's test split warped the way affNIST describes its own construction: padded
+to 40x40, rotated by up to ±20°, sheared by up to ±45°, scaled by 0.8-1.2 on each axis, then
+translated at random as far as the warped digit stays inside the frame. It is a stand-in and is
+named `affnist_like` everywhere, so that no figure from it can pass for an affNIST result.
 """
 
 from __future__ import annotations
@@ -25,13 +32,28 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from capsdist.data import read_meta, read_split_arrays
 from capsdist.data.augment import shift_images
-from data_tools.errors import DataToolError
-from data_tools.from_shards import load_split
-from data_tools.output import write_sample_stream
+from data_tools.shards import DataToolError, write_array_dataset, write_dataset
 
 CHUNK = 10_000  # samples generated at once (~40 MB for MultiMNIST)
+AFFNIST_SIZE = 40
+
+
+def read_mnist(
+    src: str | Path, splits: tuple[str, ...] = ("train", "test")
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(meta, {split: (uint8 images (N, 28, 28, 1), int64 labels (N,))}) of the MNIST shards in
+    `src`, every shard checked; DataToolError if `src` holds another data set."""
+    meta = read_meta(src)
+    if meta["dataset"] != "mnist" or meta["num_targets"] != 1:
+        raise DataToolError(
+            f"{src}: holds {meta['dataset']!r} with {meta['num_targets']} target(s); "
+            f"--src must be 'mnist' shards from `capsdist data mnist ...`"
+        )
+    return meta, {split: read_split_arrays(src, split, meta) for split in splits}
 
 
 def pad_and_shift(images: np.ndarray, pad: int, shifts: np.ndarray) -> np.ndarray:
@@ -101,9 +123,9 @@ def make_multimnist(
         raise DataToolError(
             f"need --shift >= 0, --pad >= 0, --pairs >= 1; got {shift}, {pad}, {pairs}"
         )
+    meta, mnist = read_mnist(src)
     data = {}
-    for split_id, split in enumerate(("train", "test")):
-        images, labels, meta = load_split(src, split)
+    for split_id, (split, (images, labels)) in enumerate(mnist.items()):
         rng = np.random.default_rng([seed, split_id])
         data[split] = (images, labels, choose_partners(labels, pairs, rng), rng)
 
@@ -111,7 +133,7 @@ def make_multimnist(
         images, labels, partners, rng = data[split]
         return lambda: _multi_chunks(images, labels, partners, shift, pad, rng)
 
-    return write_sample_stream(
+    return write_dataset(
         out,
         dataset="multimnist",
         fingerprint=_fingerprint("multimnist", meta, shift=shift, pad=pad, pairs=pairs, seed=seed),
@@ -145,10 +167,11 @@ def make_expanded_mnist(
         raise DataToolError(
             f"need 0 <= --shift <= --pad and --copies >= 1; got {shift}, {pad}, {copies}"
         )
-    data = {}
-    for split_id, split in enumerate(("train", "test")):
-        images, labels, meta = load_split(src, split)
-        data[split] = (images, labels, np.random.default_rng([seed, split_id]))
+    meta, mnist = read_mnist(src)
+    data = {
+        split: (images, labels, np.random.default_rng([seed, split_id]))
+        for split_id, (split, (images, labels)) in enumerate(mnist.items())
+    }
 
     def chunks(split):
         images, labels, rng = data[split]
@@ -162,7 +185,7 @@ def make_expanded_mnist(
 
         return generate
 
-    return write_sample_stream(
+    return write_dataset(
         out,
         dataset="expanded_mnist",
         fingerprint=_fingerprint("expanded", meta, shift=shift, pad=pad, copies=copies, seed=seed),
@@ -174,6 +197,78 @@ def make_expanded_mnist(
             "shift": shift,
             "pad": pad,
             "copies": copies,
+            "seed": seed,
+        },
+        progress=progress,
+    )
+
+
+def affine_warp(
+    images: np.ndarray, rng: np.random.Generator, rotation=20.0, shear=45.0, scale=(0.8, 1.2)
+) -> np.ndarray:
+    """uint8 (n, 28, 28, 1) → (n, 40, 40, 1): padded, warped about the centre, then moved by
+    a random integer translation that keeps every lit pixel inside the frame."""
+    n = len(images)
+    pad = (AFFNIST_SIZE - images.shape[1]) // 2
+    x = torch.from_numpy(np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0))))
+    x = x.permute(0, 3, 1, 2).float() / 255  # (n, 1, 40, 40)
+    rot = np.deg2rad(rng.uniform(-rotation, rotation, n))
+    shr = np.tan(np.deg2rad(rng.uniform(-shear, shear, n)))
+    sx, sy = rng.uniform(*scale, n), rng.uniform(*scale, n)
+    cos, sin = np.cos(rot), np.sin(rot)
+    # forward map A = R @ Shear @ Scale; grid_sample needs output → input, i.e. A^-1.
+    a = np.stack(
+        [
+            np.stack([cos * sx, (cos * shr - sin) * sy], 1),
+            np.stack([sin * sx, (sin * shr + cos) * sy], 1),
+        ],
+        1,
+    )  # (n, 2, 2)
+    theta = np.concatenate([np.linalg.inv(a), np.zeros((n, 2, 1))], 2)
+    grid = F.affine_grid(torch.from_numpy(theta).float(), list(x.shape), align_corners=False)
+    warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped = (warped * 255).round().clamp(0, 255).to(torch.uint8)  # (n, 1, 40, 40)
+    lit = warped[:, 0] > 0
+    rows, cols = lit.any(2), lit.any(1)  # (n, 40) each
+    idx = torch.arange(AFFNIST_SIZE)
+    top = torch.where(rows, idx, AFFNIST_SIZE).amin(1)
+    bottom = torch.where(rows, idx, -1).amax(1)
+    left = torch.where(cols, idx, AFFNIST_SIZE).amin(1)
+    right = torch.where(cols, idx, -1).amax(1)
+    empty = bottom < 0  # a blank image: any shift is fine, use none
+    u = torch.from_numpy(rng.random((n, 2)))
+    lo = torch.stack([-top, -left], 1)
+    hi = torch.stack([AFFNIST_SIZE - 1 - bottom, AFFNIST_SIZE - 1 - right], 1)
+    shifts = (lo + (u * (hi - lo + 1)).floor().long()).clamp(max=hi)
+    shifts[empty] = 0
+    return shift_images(warped, shifts).permute(0, 2, 3, 1).numpy().copy()
+
+
+def make_affnist_like(
+    src: str | Path,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """MNIST shards in `src` → `affnist_like` shards: its test split, affine-warped to 40x40."""
+    meta, mnist = read_mnist(src, ("test",))
+    images, labels = mnist["test"]
+    rng = np.random.default_rng(seed)
+    warped = np.concatenate(
+        [affine_warp(images[i : i + 5000], rng) for i in range(0, len(images), 5000)]
+    )
+    return write_array_dataset(
+        out,
+        dataset="affnist_like",
+        splits={"test": (warped, labels)},
+        num_classes=meta["num_classes"],
+        samples_per_shard=samples_per_shard,
+        extra_meta={
+            "source": f"affNIST-like warp of the MNIST test split in {Path(src).resolve()} "
+            f"(NOT affNIST)",
+            "warp": "rotation ±20°, shear ±45°, scale 0.8-1.2 per axis, translation in frame",
             "seed": seed,
         },
         progress=progress,
