@@ -13,10 +13,13 @@ install: $(VENV)/.installed
 
 # torch is pinned in pyproject.toml (on these machines 2.13.0 is a local CPU wheel; unpinned,
 # deepspeed's requirement pulls a multi-GB CUDA build). pip, not uv: uv ignores the local wheel.
+# The fused routing kernel is built here rather than in the first run (for this CPU kind: other
+# CPUs build their own on first use; without a C++ compiler it warns and routing uses torch ops).
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -c 'from capsdist.models.routing import cpu_kernels; cpu_kernels()'
 	touch $@
 
 $(SAMPLE)/meta.json: | install

@@ -3,7 +3,8 @@
 Every command is declared here (`capsdist data ...` in data_tools/cli.py) and calls one function of
 the package; each imports its package only when run, so `capsdist --help` stays fast. Every
 failure the user can fix (a bad key, a missing file, a damaged shard) is a `UserError`: a one-line
-message on stderr naming the file or key, and exit status 2.
+message on stderr naming the file or key, and exit status 2. A training stopped by a signal
+(SIGTERM, SIGINT, SIGUSR1) after saving a checkpoint exits with STOPPED.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ import sys
 import data_tools.cli
 from capsdist.config import Config, field_docs, load_config, parse_hparams_override
 from capsdist.errors import UserError
+
+# Exit status of a job that a signal stopped cleanly at a checkpoint: "stopped, resumable; run
+# the same command again". sysexits.h's EX_TEMPFAIL ("try again later"), rather than the shell's
+# 128 + signal number, which a job killed outright by that signal also gets: a requeue script
+# (SLURM) can tell the two apart.
+STOPPED = 75
 
 # ---- the config arguments every model command shares --------------------------------------------
 
@@ -224,9 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"capsdist {args.command}: error: {err}", file=sys.stderr)
         return _exit(2)
+    stopped = result.get("stopped")
     if os.environ.get("RANK", "0") == "0":  # one result line per job, not one per rank
         print(json.dumps({k: _json_safe(v) for k, v in result.items()}), flush=True)
-    return _exit(0)
+        if stopped:
+            print(
+                f"capsdist {args.command}: stopped by {stopped} at step {result['step']}, "
+                "with a checkpoint: run the same command again to resume",
+                file=sys.stderr,
+            )
+    return _exit(STOPPED if stopped else 0)
 
 
 def _exit(code: int) -> int:

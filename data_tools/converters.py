@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capsdist.data.urls import is_remote, local
 from data_tools import formats
+from data_tools.destination import DataToolError, check_out_folder, download_dir
 from data_tools.download import Source, download_files, safe_extract
-from data_tools.shards import DataToolError, check_out_folder, write_array_dataset
-
-DOWNLOAD_DIR = ".download"  # inside --out: kept, so an interrupted download resumes
+from data_tools.shards import write_array_dataset
 
 
 @dataclass(frozen=True)
@@ -202,9 +202,9 @@ CONVERTERS: dict[str, Converter] = {
 
 
 def resolve_src(
-    spec: Converter, src: str | Path | None, out: Path, mirror: str | None, progress: bool
+    spec: Converter, src: str | Path | None, out: str, mirror: str | None, progress: bool
 ) -> Path:
-    """`src` if given; else `spec.default_src` if it exists; else download into out/.download.
+    """`src` if given; else `spec.default_src` if it exists; else download (`download_dir`).
     A folder that holds `spec.archive` but not its unpacked files becomes that archive."""
     if src:
         src = Path(src)
@@ -214,7 +214,8 @@ def resolve_src(
         src = Path(spec.default_src)
     else:
         check_out_folder(out, spec.dataset)  # before a long download, not after
-        src = download_files(spec.sources, out / DOWNLOAD_DIR, mirror=mirror, progress=progress)
+        folder = download_dir(out, spec.dataset)
+        src = download_files(spec.sources, folder, mirror=mirror, progress=progress)
     if spec.archive and src.is_dir() and not any(src.glob(spec.extracted)):
         src = next(iter(sorted(src.glob(spec.archive))), src)
     return src
@@ -230,15 +231,19 @@ def convert(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Convert `CONVERTERS[dataset]` from `src` (None: default folder or download, from
-    `mirror` + file name if given) into shards + meta.json in `out`; returns the summary."""
-    spec, out = CONVERTERS[dataset], Path(out)
+    `mirror` + file name if given) into shards + meta.json in `out` (a folder or an object
+    store URL); returns the summary."""
+    spec, out = CONVERTERS[dataset], local(out)
     src = resolve_src(spec, src, out, mirror, progress)
     scratch = None
     try:
         root = src
         if spec.archive and src.is_file() and (zipfile.is_zipfile(src) or tarfile.is_tarfile(src)):
-            out.mkdir(parents=True, exist_ok=True)
-            scratch = Path(tempfile.mkdtemp(prefix=".extract-", dir=out))
+            # Unpacked beside the shards (same disk, room already needed); a URL: the temp dir.
+            work = None if is_remote(out) else Path(out)
+            if work is not None:
+                work.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=".extract-", dir=work))
             root = safe_extract(src, scratch)
         splits = {split: spec.read(root, files) for split, files in spec.splits.items()}
     finally:

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from data_tools.shards import DataToolError
+from data_tools.destination import DataToolError
 
 CHUNK = 1 << 20
 

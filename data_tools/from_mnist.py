@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from capsdist.data import read_meta, read_split_arrays
 from capsdist.data.augment import shift_images
+from capsdist.data.urls import describe
 from data_tools.shards import DataToolError, write_array_dataset, write_dataset
 
 CHUNK = 10_000  # samples generated at once (~40 MB for MultiMNIST)
@@ -141,7 +142,7 @@ def make_multimnist(
         num_classes=meta["num_classes"],
         samples_per_shard=samples_per_shard,
         extra_meta={
-            "source": f"MultiMNIST from {Path(src).resolve()}",
+            "source": f"MultiMNIST from {describe(src)}",
             "shift": shift,
             "pad": pad,
             "pairs": pairs,
@@ -193,7 +194,7 @@ def make_expanded_mnist(
         num_classes=meta["num_classes"],
         samples_per_shard=samples_per_shard,
         extra_meta={
-            "source": f"expanded MNIST from {Path(src).resolve()}",
+            "source": f"expanded MNIST from {describe(src)}",
             "shift": shift,
             "pad": pad,
             "copies": copies,
@@ -266,8 +267,7 @@ def make_affnist_like(
         num_classes=meta["num_classes"],
         samples_per_shard=samples_per_shard,
         extra_meta={
-            "source": f"affNIST-like warp of the MNIST test split in {Path(src).resolve()} "
-            f"(NOT affNIST)",
+            "source": f"affNIST-like warp of the MNIST test split in {describe(src)} (NOT affNIST)",
             "warp": "rotation ±20°, shear ±45°, scale 0.8-1.2 per axis, translation in frame",
             "seed": seed,
         },

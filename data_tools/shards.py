@@ -8,7 +8,8 @@ owners, so the same content always gives byte-identical shards (and the same sha
 meta.json is written last (atomically) and removed before shards are rewritten, so a folder
 with a meta.json always holds a complete data set. `fingerprint` (a sha256 of the content,
 independent of sharding) lets a re-run tell "the same data again" (fine: regenerate) from
-"different data" (refused: it would silently replace someone's data set).
+"different data" (refused: it would silently replace someone's data set). The output may be a
+folder or an object store URL (destination.py).
 """
 
 from __future__ import annotations
@@ -28,21 +29,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from capsdist.errors import UserError
-from capsdist.run_dir import write_text_atomic
+from data_tools.destination import DataToolError, Destination
 
-META_NAME = "meta.json"
+__all__ = ["DataToolError", "ShardWriter", "write_array_dataset", "write_dataset"]
 FORMAT_VERSION = 1
 STATS_CHUNK = 8192  # images per float64 chunk of the mean/std pass
 
 # One chunk of a split: uint8 images (n, H, W, C), labels (n,) or (n, T), and uint8
 # reconstruction targets (n, T, H, W, C) or None.
 Chunk = tuple[np.ndarray, np.ndarray, np.ndarray | None]
-
-
-class DataToolError(UserError, ValueError):
-    """The one error of `data_tools`: a converter cannot go on; the one-line message names the
-    file or folder at fault. A `UserError`: `capsdist data` prints it and exits with 2."""
 
 
 def encode_label(label: int | Sequence[int]) -> bytes:
@@ -75,16 +70,24 @@ class ShardWriter:
 
     Each shard is written under a temporary name and renamed when complete, so a reader (or a
     re-run after a crash) never sees half a shard under its real name. Use as a context manager;
-    `shards` lists what was written, in order.
+    `shards` lists what was written, in order; `on_shard(path)` is called with each complete
+    shard (to upload it).
     """
 
-    def __init__(self, out: str | Path, split: str, samples_per_shard: int = 1000):
+    def __init__(
+        self,
+        out: str | Path,
+        split: str,
+        samples_per_shard: int = 1000,
+        on_shard: Callable[[Path], None] | None = None,
+    ):
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.out = Path(out)
         self.split = split
         self.samples_per_shard = samples_per_shard
         self.shards: list[ShardInfo] = []
+        self.on_shard = on_shard
         self._tar: tarfile.TarFile | None = None
         self._count = 0
 
@@ -132,44 +135,8 @@ class ShardWriter:
         path = self._path()
         os.replace(self._tmp_path(), path)
         self.shards.append(ShardInfo(path.name, self._count, sha256_file(path)))
-
-
-def check_out_folder(out: Path, dataset: str) -> dict[str, Any] | None:
-    """The meta.json already in `out` (None: there is none); DataToolError if it is unreadable
-    or holds another data set. Converters also call it before a long download, not after."""
-    meta_path = out / META_NAME
-    if not meta_path.exists():
-        return None
-    remedy = "choose another --out or delete that folder first"
-    try:
-        old = json.loads(meta_path.read_text())
-        old_dataset = old["dataset"]
-    except (OSError, ValueError, KeyError, TypeError) as exn:
-        raise DataToolError(
-            f"{meta_path}: exists but is not a capsdist meta.json ({exn}); refusing to write "
-            f"into {out}: {remedy}"
-        ) from exn
-    if old_dataset != dataset:
-        raise DataToolError(
-            f"{out}: already holds data set {old_dataset!r}; refusing to replace it with "
-            f"{dataset!r}: {remedy}"
-        )
-    return old
-
-
-def _claim_out_folder(out: Path, dataset: str, fingerprint: str) -> dict[str, Any] | None:
-    """Create `out` if needed; refuse it if it holds other data; return its old meta, if any."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exn:
-        raise DataToolError(f"{out}: cannot create the output folder ({exn})") from exn
-    old = check_out_folder(out, dataset)
-    if old is not None and old.get("fingerprint") != fingerprint:
-        raise DataToolError(
-            f"{out}: already holds different {dataset!r} data (other source, seed or content); "
-            f"refusing to replace it: choose another --out or delete that folder first"
-        )
-    return old
+        if self.on_shard is not None:
+            self.on_shard(path)
 
 
 class StatsAccumulator:
@@ -205,7 +172,8 @@ def write_dataset(
     progress: bool = True,
     key_digits: int = 9,
 ) -> dict[str, Any]:
-    """Write every split as shards, then meta.json, into `out`; returns the command's summary.
+    """Write every split as shards, then meta.json, into `out` (a folder or an object store
+    URL); returns the command's summary.
 
     `splits` maps split name → (number of samples, a zero-argument callable returning its
     chunks), so that data too large for memory (MultiMNIST: 60 M pairs) is made chunk by chunk.
@@ -214,72 +182,70 @@ def write_dataset(
     with `key_digits` digits (in-memory sets have always used 8; kept for identical shards).
     """
     started = time.perf_counter()
-    out = Path(out)
-    old_meta = _claim_out_folder(out, dataset, fingerprint)
-    # Until the new meta.json is written, the folder must not look complete.
-    (out / META_NAME).unlink(missing_ok=True)
-    stats_split = "train" if "train" in splits else next(iter(splits))
-    stats = StatsAccumulator()
-    shapes: dict[str, Any] = {}
-    written: dict[str, list[ShardInfo]] = {}
-    counts: dict[str, np.ndarray] = {}
-    total = sum(n for n, _ in splits.values())
-    bar = tqdm(
-        total=total, desc=f"{dataset} shards", unit="img", file=sys.stderr, disable=not progress
-    )
-    with bar:
-        for name, (expected, chunks) in splits.items():
-            counts[name] = np.zeros(num_classes, dtype=np.int64)
-            index = 0
-            with ShardWriter(out, name, samples_per_shard) as writer:
-                for images, labels, recon in chunks():
-                    shapes.setdefault("image_shape", list(images.shape[1:]))
-                    if recon is not None:
-                        shapes.setdefault("recon_shape", list(recon.shape[1:]))
-                    shapes.setdefault("num_targets", 1 if labels.ndim == 1 else labels.shape[1])
-                    if name == stats_split:
-                        stats.add(images)
-                    counts[name] += np.bincount(labels.ravel(), minlength=num_classes)
-                    for i in range(len(images)):
-                        fields = {"img.u8": images[i].tobytes(), "cls": encode_label(labels[i])}
+    with Destination(out) as out:
+        old_meta = out.claim(dataset, fingerprint)
+        stats_split = "train" if "train" in splits else next(iter(splits))
+        stats = StatsAccumulator()
+        shapes: dict[str, Any] = {}
+        written: dict[str, list[ShardInfo]] = {}
+        counts: dict[str, np.ndarray] = {}
+        total = sum(n for n, _ in splits.values())
+        bar = tqdm(
+            total=total, desc=f"{dataset} shards", unit="img", file=sys.stderr, disable=not progress
+        )
+        with bar:
+            for name, (expected, chunks) in splits.items():
+                counts[name] = np.zeros(num_classes, dtype=np.int64)
+                index = 0
+                with ShardWriter(out.staging, name, samples_per_shard, out.finish_shard) as writer:
+                    for images, labels, recon in chunks():
+                        shapes.setdefault("image_shape", list(images.shape[1:]))
                         if recon is not None:
-                            fields["recon.u8"] = recon[i].tobytes()
-                        writer.write(f"{name}_{index:0{key_digits}d}", fields)
-                        index += 1
-                    bar.update(len(images))
-            if index != expected:
-                raise AssertionError(f"{name}: wrote {index} samples, planned {expected}")
-            written[name] = writer.shards
-    mean, std = stats.result()
-    num_targets = shapes.pop("num_targets")
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "dataset": dataset,
-        **(extra_meta or {}),
-        "splits": {name: n for name, (n, _) in splits.items()},
-        **shapes,
-        "num_classes": num_classes,
-        "num_targets": num_targets,
-        "mean": mean,
-        "std": std,
-        "label_counts": {name: c.tolist() for name, c in counts.items()},
-        "fingerprint": fingerprint,
-        "shards": {s.name: s.sha256 for shards in written.values() for s in shards},
-        "shard_sizes": {s.name: s.num_samples for shards in written.values() for s in shards},
-    }
-    # meta.json last: it marks the folder complete.
-    write_text_atomic(out / META_NAME, json.dumps(meta, indent=2) + "\n")
-    stale = old_meta.get("shards") if old_meta else None  # of an earlier, other sharding
-    for name in stale if isinstance(stale, dict) else ():
-        if name not in meta["shards"] and "/" not in name and name.endswith(".tar"):
-            (out / name).unlink(missing_ok=True)
-    return {
-        "dataset": dataset,
-        "out": str(out),
-        "splits": meta["splits"],
-        "num_shards": len(meta["shards"]),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+                            shapes.setdefault("recon_shape", list(recon.shape[1:]))
+                        shapes.setdefault("num_targets", 1 if labels.ndim == 1 else labels.shape[1])
+                        if name == stats_split:
+                            stats.add(images)
+                        counts[name] += np.bincount(labels.ravel(), minlength=num_classes)
+                        for i in range(len(images)):
+                            fields = {"img.u8": images[i].tobytes(), "cls": encode_label(labels[i])}
+                            if recon is not None:
+                                fields["recon.u8"] = recon[i].tobytes()
+                            writer.write(f"{name}_{index:0{key_digits}d}", fields)
+                            index += 1
+                        bar.update(len(images))
+                if index != expected:
+                    raise AssertionError(f"{name}: wrote {index} samples, planned {expected}")
+                written[name] = writer.shards
+        mean, std = stats.result()
+        num_targets = shapes.pop("num_targets")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dataset": dataset,
+            **(extra_meta or {}),
+            "splits": {name: n for name, (n, _) in splits.items()},
+            **shapes,
+            "num_classes": num_classes,
+            "num_targets": num_targets,
+            "mean": mean,
+            "std": std,
+            "label_counts": {name: c.tolist() for name, c in counts.items()},
+            "fingerprint": fingerprint,
+            "shards": {s.name: s.sha256 for shards in written.values() for s in shards},
+            "shard_sizes": {s.name: s.num_samples for shards in written.values() for s in shards},
+        }
+        out.publish(json.dumps(meta, indent=2) + "\n")  # last: it marks the folder complete
+        stale = old_meta.get("shards") if old_meta else None  # of an earlier, other sharding
+        names = stale if isinstance(stale, dict) else ()
+        out.remove(
+            [n for n in names if n not in meta["shards"] and "/" not in n and n.endswith(".tar")]
+        )
+        return {
+            "dataset": dataset,
+            "out": out.out,
+            "splits": meta["splits"],
+            "num_shards": len(meta["shards"]),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
 
 
 def write_array_dataset(

@@ -2,7 +2,9 @@
 # Start `capsdist train` with the launcher named by LAUNCHER; every setting from the environment
 # (`make launch` passes them through). No training logic here: every launcher runs the same loop.
 #
-#   CONFIG       config YAML (required)                      ARGS         key=value overrides
+#   CONFIG       config YAML (required)
+#   ARGS         key=value overrides, split as a shell would: quote values with spaces,
+#                e.g. ARGS="run.dir='runs/my run' train.lr=0.01"
 #   LAUNCHER     torchrun (default) | deepspeed | slurm | ray
 #   NPROC        processes per node (default: GPUs on this node, else 1)
 #   NNODES       nodes (default 1)                           NODE_RANK    this node (default 0)
@@ -10,7 +12,9 @@
 #   HOSTFILE     DeepSpeed hostfile (LAUNCHER=deepspeed, multi-node)
 #   MAX_RESTARTS torchrun restarts of failed workers (default 3)
 #   RDZV_WAIT_S  how long a node > 0 waits for node 0 to answer (default 60)
-# On a machine without a GPU every launcher runs CPU processes with gloo.
+# On a machine without a GPU every launcher runs CPU processes with gloo. The config is loaded
+# once before any launcher starts: a bad key or value fails here, with exit 2, instead of in
+# every one of torchrun's MAX_RESTARTS restarts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,12 +35,40 @@ MAX_RESTARTS=${MAX_RESTARTS:-3}
 RDZV_WAIT_S=${RDZV_WAIT_S:-60}
 GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 NPROC=${NPROC:-$(( GPUS > 0 ? GPUS : 1 ))}
-read -r -a OVERRIDES <<< "${ARGS:-}"
 
 for name in NNODES NODE_RANK MASTER_PORT NPROC MAX_RESTARTS RDZV_WAIT_S; do
   [[ "${!name}" =~ ^[0-9]+$ ]] || die "$name=${!name} is not a whole number"
 done
 (( NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
+# Split ARGS with shlex (as a shell would) and load the config with them, exactly as
+# `capsdist train` will; print the overrides shell-quoted, for the `eval` below.
+QUOTED=$("$PY" - "$CONFIG" "${ARGS:-}" <<'EOF'
+import shlex
+import sys
+
+from capsdist.cli import build_parser, config_from_args
+from capsdist.errors import UserError
+
+
+def fail(message):
+    print(f"launch: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+config, args = sys.argv[1:]
+try:
+    overrides = shlex.split(args)
+except ValueError as err:  # an unclosed quote
+    fail(f"ARGS: {err}")
+try:
+    config_from_args(build_parser().parse_args(["train", "-c", config, *overrides]))
+except UserError as err:
+    fail(err)
+print(shlex.join(overrides))
+EOF
+) || exit $?
+eval "OVERRIDES=($QUOTED)"  # safe: shlex.join quotes every word for a POSIX shell
+
 if (( GPUS == 0 )); then
   export DS_ACCELERATOR=cpu
   # One thread per rank, or the ranks fight over the cores (2.5x slower measured).

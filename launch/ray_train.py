@@ -18,6 +18,7 @@ import ray
 import torch
 
 from capsdist.config import load_config
+from capsdist.data import is_remote
 from capsdist.tune.trial import torch_trainer
 
 
@@ -39,7 +40,8 @@ def main() -> None:
     # Resolve (and validate) the config here, with paths made absolute: Ray runs each worker in
     # a working directory of its own.
     cfg = load_config(args.config, args.overrides)
-    cfg.data.root = os.path.abspath(cfg.data.root) if cfg.data.root else ""
+    if cfg.data.root and not is_remote(cfg.data.root):
+        cfg.data.root = os.path.abspath(cfg.data.root)
     cfg.run.dir = os.path.abspath(cfg.run.dir)
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     trainer = torch_trainer(

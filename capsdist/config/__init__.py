@@ -1,6 +1,7 @@
 """Typed configuration: schema (dataclasses) and loading (YAML + overrides)."""
 
 from capsdist.config.loading import (
+    config_to_dict,
     config_to_yaml,
     field_docs,
     load_config,
@@ -33,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "ValidateConfig",
     "WandbConfig",
+    "config_to_dict",
     "config_to_yaml",
     "field_docs",
     "load_config",

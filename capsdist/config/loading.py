@@ -2,7 +2,11 @@
 
 Unknown keys are errors that name the closest valid key, wherever they come from (a YAML file or
 the command line). OmegaConf does the merging and type checks; the dataclasses' `__post_init__`
-does the cross-field rules.
+does the range and cross-field rules.
+
+Values given as interpolations (`${oc.env:WANDB_API_KEY}`, `${data.root}/extra`) are resolved in
+the running config but logged and saved as written (`config_to_dict`, `config_to_yaml`): the
+environment may hold secrets, which must not reach W&B or config.yaml, even through another key.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import difflib
 import inspect
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import fields, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from capsdist.config.schema import Config, ConfigError
@@ -32,6 +38,10 @@ HPARAM_KEYS = {
     "remake": "model.reconstruction",
     "loss_type": "loss.name",
 }
+
+# The attribute of a loaded Config that holds its interpolated values as written (dotted key →
+# text, or list of texts); set by load_config, read by config_to_dict.
+AS_WRITTEN = "_as_written"
 
 
 def valid_keys(node: DictConfig | None = None, prefix: str = "") -> list[str]:
@@ -63,7 +73,8 @@ def _check_keys(keys: Iterable[str], source: str) -> None:
 
 def _leaf_keys(node: DictConfig, prefix: str = "") -> list[str]:
     keys = []
-    for name, value in node.items():
+    # Unresolved: an interpolation may name a key of another source (`${wandb.project}`).
+    for name, value in node.items_ex(resolve=False):
         dotted = f"{prefix}{name}"
         is_section = isinstance(value, DictConfig) and dotted in {
             k.rsplit(".", 1)[0] for k in valid_keys()
@@ -91,31 +102,89 @@ def load_config(
     merged = OmegaConf.structured(Config)
     try:
         for path in yaml_paths:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file not found: {path}")
-            preset = OmegaConf.load(path)
+            preset = _load_yaml(path)
             if not isinstance(preset, DictConfig):
                 raise ConfigError(f"{path}: a config file must hold a mapping of sections")
             _check_keys(_leaf_keys(preset), str(path))
             merged = OmegaConf.merge(merged, preset)
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}' is not of the form key=value")
-        dotlist = OmegaConf.from_dotlist(list(overrides))
+        dotlist = _parse_overrides(overrides)
         _check_keys(_leaf_keys(dotlist), "the command-line overrides")
         merged = OmegaConf.merge(merged, dotlist)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"config key '{key}': {err.msg if hasattr(err, 'msg') else err}") from err
+        # The first line: the rest repeats the key and names OmegaConf's internal types.
+        raise ConfigError(f"config key '{key}': {str(err).splitlines()[0]}") from err
+    setattr(config, AS_WRITTEN, dict(_interpolations(OmegaConf.to_container(merged))))
     if not config.run.dir:
         stem = Path(yaml_paths[0]).stem if yaml_paths else "default"
         config.run.dir = str(Path("runs") / stem)
     return config
 
 
+def _load_yaml(path: str | os.PathLike) -> DictConfig | ListConfig:
+    if not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML, {_yaml_problem(err)}; fix the file") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read it as YAML ({err})") from err
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """`key=value` items, each value read as YAML (as OmegaConf's from_dotlist does), one at a
+    time so that an error names its item."""
+    dotlist = OmegaConf.create()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            dotlist.merge_with_dotlist([item])
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"override '{item}': the value is not valid YAML, {_yaml_problem(err)}; quote it"
+            ) from err
+    return dotlist
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """Where and what, on one line (PyYAML's own message spans several)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + (getattr(err, "problem", None) or str(err).splitlines()[0])
+
+
+def _interpolations(node: dict, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """(dotted key, value as written) of every value that is or holds an interpolation, in an
+    unresolved container."""
+    for name, value in node.items():
+        dotted = f"{prefix}{name}"
+        if isinstance(value, dict):
+            yield from _interpolations(value, dotted + ".")
+            continue
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(text, str) and "${" in text for text in texts):
+            yield dotted, value
+
+
+def config_to_dict(config: Config) -> dict:
+    """The config as a nested dict for logging (W&B): interpolated values as written."""
+    out = asdict(config)
+    for dotted, written in getattr(config, AS_WRITTEN, {}).items():
+        *sections, name = dotted.split(".")
+        node = out
+        for section in sections:
+            node = node[section]
+        node[name] = written
+    return out
+
+
 def config_to_yaml(config: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
+    """The config as YAML (config.yaml, the weights' metadata, the printed config):
+    interpolated values as written, so it loads back into the same config."""
+    return OmegaConf.to_yaml(config_to_dict(config))
 
 
 # `capsdist keys`: each field's docstring is the string literal right below it in schema.py.

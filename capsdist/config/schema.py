@@ -7,6 +7,7 @@ Each field's docstring is the string literal right below it (listed by `capsdist
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from capsdist.errors import UserError
@@ -16,10 +17,36 @@ class ConfigError(UserError, ValueError):
     """A configuration value or key is invalid; the message names the key."""
 
 
+def _at_least(section: object, prefix: str, low: int, *keys: str) -> None:
+    """Each of `keys` of `section` must be >= low."""
+    _check_bound(section, prefix, keys, f">= {low}", lambda value: value >= low)
+
+
+def _above(section: object, prefix: str, low: int, *keys: str) -> None:
+    """Each of `keys` of `section` must be > low."""
+    _check_bound(section, prefix, keys, f"> {low}", lambda value: value > low)
+
+
+def _check_bound(section: object, prefix: str, keys: tuple[str, ...], bound: str, holds) -> None:
+    # Finite too: NaN fails every comparison, so a plain `if lr <= 0` lets it through.
+    for key in keys:
+        value = getattr(section, key)
+        if not (holds(value) and math.isfinite(value)):
+            number = "a finite number" if isinstance(value, float) else "a whole number"
+            raise ConfigError(f"{prefix}.{key} must be {number} {bound}, got {value}")
+
+
 @dataclass
 class DataConfig:
     root: str = ""
-    """Folder with the shards and meta.json written by `capsdist data ...` (required to train)."""
+    """Folder or URL (file://, http(s)://, s3://, gs://) holding meta.json and the shards written
+    by `capsdist data ...` (required to train)."""
+    shards: str = ""
+    """Override the shard list of the training split: a brace pattern or URL
+    (`s3://b/train-{000000..000127}.tar`) or a `pipe:` command; empty = meta.json's shards."""
+    cache_dir: str = ""
+    """Keep a local copy of every remote shard here, so each node fetches a shard once; empty =
+    stream remote shards without keeping them."""
     dataset: str = "mnist"
     """Name of the data set; must match `dataset` in the shards' meta.json."""
     train_split: str = "train"
@@ -29,7 +56,7 @@ class DataConfig:
     shift_pixels: int = 2
     """Random training translation, ±pixels per axis with zero fill (the reference's MNIST)."""
     shuffle_buffer: int = 2000
-    """Samples held in the in-memory shuffle buffer of each reader."""
+    """Samples held in the in-memory shuffle buffer of each reader (0 or 1: no shuffling)."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 reads in the training process)."""
     flip: bool = False
@@ -50,15 +77,14 @@ class DataConfig:
     under its folder name (affNIST: the expanded-MNIST test split + affNIST)."""
 
     def __post_init__(self) -> None:
-        if self.shift_pixels < 0:
-            raise ConfigError(f"data.shift_pixels must be >= 0, got {self.shift_pixels}")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        _at_least(self, "data", 0, "shift_pixels", "shuffle_buffer", "num_workers", "brightness")
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"data.on_error must be raise or skip, got {self.on_error!r}")
-        if self.brightness < 0:
-            raise ConfigError(f"data.brightness must be >= 0, got {self.brightness}")
-        low_high = len(self.contrast) == 2 and 0 <= self.contrast[0] <= self.contrast[1]
+        low_high = (
+            len(self.contrast) == 2
+            and all(map(math.isfinite, self.contrast))
+            and 0 <= self.contrast[0] <= self.contrast[1]
+        )
         if self.contrast and not low_high:
             raise ConfigError(f"data.contrast must be [] or [low, high], got {self.contrast}")
 
@@ -115,8 +141,13 @@ class ModelConfig:
             raise ConfigError(f"model.padding must be VALID or SAME, got {self.padding!r}")
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ConfigError(f"model.image_shape must be [H, W, C], got {self.image_shape}")
-        if self.routing_iters < 1:
-            raise ConfigError(f"model.routing_iters must be >= 1, got {self.routing_iters}")
+        _at_least(self, "model", 2, "num_classes")  # fewer is no classification
+        sizes = ("conv1_channels", "conv1_kernel", "primary_kernel", "num_prime_capsules")
+        _at_least(self, "model", 1, *sizes, "prime_dim", "class_dim", "routing_iters")
+        if min(self.decoder_hidden, default=1) < 1:
+            raise ConfigError(
+                f"model.decoder_hidden widths must be >= 1, got {self.decoder_hidden}"
+            )
         if self.num_targets not in (1, 2):
             raise ConfigError(f"model.num_targets must be 1 or 2, got {self.num_targets}")
 
@@ -144,6 +175,8 @@ class LossConfig:
             raise ConfigError(
                 f"loss.margin_reduction must be reference or paper, got {self.margin_reduction!r}"
             )
+        _above(self, "loss", 0, "m_plus")
+        _at_least(self, "loss", 0, "m_minus", "down_weight", "reconstruction_weight")
 
 
 @dataclass
@@ -175,18 +208,16 @@ class TrainConfig:
     end, on the main rank; 0 = off (use `capsdist validate` beside the run instead)."""
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "max_steps", "lr_decay_steps", "log_every", "keep_last"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if self.micro_batch_size < 0:
-            raise ConfigError(f"train.micro_batch_size must be >= 0, got {self.micro_batch_size}")
+        counts = ("batch_size", "max_steps", "lr_decay_steps", "log_every", "keep_last")
+        _at_least(self, "train", 1, *counts)
+        zero_allowed = ("micro_batch_size", "time_limit_s", "checkpoint_every")
+        _at_least(self, "train", 0, *zero_allowed, "lr_min")
+        _above(self, "train", 0, "lr", "lr_decay_rate")
         if self.eval_every < 0 or (self.eval_every and self.eval_every % self.log_every):
             raise ConfigError(
                 f"train.eval_every={self.eval_every} must be 0 or a multiple of "
                 f"train.log_every={self.log_every}"
             )
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
 
 
 @dataclass
@@ -196,6 +227,10 @@ class EvalConfig:
     max_examples: int = 0
     """Evaluate on at most this many examples; 0 = the whole split."""
 
+    def __post_init__(self) -> None:
+        _at_least(self, "eval", 1, "batch_size")
+        _at_least(self, "eval", 0, "max_examples")
+
 
 @dataclass
 class ValidateConfig:
@@ -203,6 +238,9 @@ class ValidateConfig:
     """`capsdist validate`: seconds between looks for a new checkpoint (the reference's 60)."""
     timeout_s: float = 6 * 3600.0
     """`capsdist validate` gives up after this long without a new checkpoint (reference: 6 h)."""
+
+    def __post_init__(self) -> None:
+        _above(self, "validate", 0, "poll_s", "timeout_s")
 
 
 @dataclass
@@ -225,6 +263,7 @@ class DeepSpeedConfig:
             raise ConfigError(f"ds.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"ds.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        _at_least(self, "ds", 0, "gradient_clipping")
 
 
 @dataclass

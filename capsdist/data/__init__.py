@@ -8,8 +8,9 @@ from capsdist.data.build import (
     check_data_matches_model,
     check_extra_eval_root,
 )
-from capsdist.data.meta import DataError, read_meta
+from capsdist.data.meta import read_meta
 from capsdist.data.reader import Batch, ShardReader, read_split_arrays
+from capsdist.data.urls import DataError, is_remote
 
 __all__ = [
     "Augmentation",
@@ -21,6 +22,7 @@ __all__ = [
     "check_data_matches_model",
     "check_extra_eval_root",
     "random_shift",
+    "is_remote",
     "read_meta",
     "read_split_arrays",
 ]

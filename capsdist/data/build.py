@@ -90,7 +90,9 @@ def build_reader(
     root: str | Path | None = None,
 ) -> ShardReader:
     """A ShardReader for `split` of `root` (default data.root), whose `meta` (from `read_meta`)
-    the caller has already read, with cfg's augmentation, shuffling, workers and error handling."""
+    the caller has already read, with cfg's augmentation, shuffling, workers and error handling,
+    data.cache_dir, and data.shards for the training split of data.root."""
+    override = cfg.data.shards if root is None and split == cfg.data.train_split else ""
     return ShardReader(
         root or cfg.data.root,
         split,
@@ -106,4 +108,6 @@ def build_reader(
         device=device,
         augment=build_augmentation(cfg, meta["image_shape"]),
         on_error=cfg.data.on_error,
+        shards=override,
+        cache_dir=cfg.data.cache_dir,
     )

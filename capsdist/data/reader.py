@@ -19,30 +19,27 @@ tools that derive one data set from another (MultiMNIST from MNIST) need.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from capsdist.data.augment import Augmentation
-from capsdist.data.meta import DataError, split_shards
+from capsdist.data.epoch import EpochPlan, epoch_batches
+from capsdist.data.meta import META_NAME, shard_root, split_shards
+from capsdist.data.source import ShardTask, prefetched, shard_tasks
 from capsdist.data.stream import (
     RawBatch,
     SampleFormat,
-    ShardTask,
     Skips,
     batch,
     decode,
     mix_seed,
     read_shard,
-    shard_tasks,
-    shuffle,
 )
+from capsdist.data.urls import DataError, expand_shards, join, local
 
 
 class Batch(NamedTuple):
@@ -56,97 +53,19 @@ class Batch(NamedTuple):
     """What the decoder should reproduce, shaped like its output; None = `images` itself."""
 
 
-@dataclass(frozen=True)
-class _EpochPlan:
-    """Everything a worker needs to produce its batches of one epoch (picklable)."""
-
-    worker_tasks: tuple[tuple[ShardTask, ...], ...]  # shards of each worker, in sorted order
-    resample_quota: tuple[int, ...] | None  # resampled: samples each worker draws
-    fmt: SampleFormat
-    batch_size: int
-    train: bool
-    shuffle_buffer: int
-    seed: int
-    rank: int
-    epoch: int
-
-
 def read_split_arrays(
     root: str | Path, split: str, meta: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every sample of `split` in shard order, as uint8 images (N, H, W, C) and int64 labels
     (N,) or (N, T), each checked as the reader checks it (DataError on a bad one); `meta` is
     `read_meta(root)`. Reconstruction targets are not read."""
-    root = Path(root)
     fmt = SampleFormat.from_meta(meta, "raise", recon=False)
-    tasks = shard_tasks(root, meta, split_shards(meta, split, root))
-    samples = decode((sample for task in tasks for sample in read_shard(task)), fmt)
+    tasks = shard_tasks(shard_root(meta, root), meta, split_shards(meta, split, root))
+    samples = decode((sample for shard in prefetched(tasks) for sample in read_shard(shard)), fmt)
     chunks = list(batch(samples, 10_000, fmt, drop_last=False))
     images = np.concatenate([c.images.numpy() for c in chunks])
     labels = np.concatenate([c.labels.numpy() for c in chunks])
     return images, labels
-
-
-def _resampled(pool: tuple[ShardTask, ...], quota: int, rng: random.Random) -> list[ShardTask]:
-    """Whole shards drawn with replacement until `quota` samples; the last one cut short."""
-    tasks = []
-    while quota > 0:
-        shard = pool[rng.randrange(len(pool))]
-        take = min(shard.limit, quota)
-        tasks.append(ShardTask(shard.path, shard.expected, take))
-        quota -= take
-    return tasks
-
-
-class _EpochStream(IterableDataset):
-    """The uint8 batches of one epoch; under a DataLoader, each worker streams its own shards."""
-
-    def __init__(self, plan: _EpochPlan):
-        self.plan = plan
-
-    def __iter__(self) -> Iterator[RawBatch]:
-        plan = self.plan
-        info = get_worker_info()
-        worker = 0 if info is None else info.id
-        rng = random.Random(mix_seed(plan.seed, plan.rank, plan.epoch, worker))
-        if plan.resample_quota is not None:
-            tasks = _resampled(plan.worker_tasks[0], plan.resample_quota[worker], rng)
-        else:
-            tasks = list(plan.worker_tasks[worker])
-            if plan.train:
-                rng.shuffle(tasks)
-        skips = Skips(plan.fmt.on_error)
-        samples = (sample for task in tasks for sample in read_shard(task, skips))
-        samples = decode(samples, plan.fmt, skips)
-        if plan.train and plan.shuffle_buffer > 1:
-            samples = shuffle(samples, plan.shuffle_buffer, rng)
-        return batch(samples, plan.batch_size, plan.fmt, drop_last=plan.train, skips=skips)
-
-
-def _from_workers(loader: DataLoader) -> Iterator[RawBatch]:
-    """Iterate `loader`; a worker's DataError comes back as the one-line original message.
-
-    DataLoader re-raises a worker's exception with the worker's traceback inside the message;
-    the CLI prints errors as one line, and the last line of that text is the original message.
-    """
-    iterator = iter(loader)
-    message = None
-    try:
-        yield from iterator
-    except DataError as exn:
-        last = str(exn).strip().splitlines()[-1:]
-        marker = f"{DataError.__name__}: "
-        if not last or marker not in last[0]:
-            raise
-        message = last[0].split(marker, 1)[1]
-    finally:
-        # Workaround: after an error or an early stop the iterator is only freed by the cyclic
-        # GC, whose shutdown then waits ~5 s per worker (measured, torch 2.13); stop them now.
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-    if message is not None:
-        raise DataError(message)
 
 
 class ShardReader:
@@ -160,7 +79,10 @@ class ShardReader:
     order, only the deterministic part of `augment` (centre crop, standardisation), last batch
     kept. `max_examples > 0` keeps only the first `max_examples` samples of this rank's shards.
     `on_error="skip"` leaves bad samples out and counts them in `num_skipped` instead of raising
-    DataError.
+    DataError, saying why for the first few in the first epoch read; it still raises after
+    MAX_CONSECUTIVE_SKIPS bad samples in a row, or when an epoch is left without a batch.
+    `root` is a folder or URL (urls.py); `shards`, a brace pattern or `pipe:` commands, reads
+    the split's shards from elsewhere (data.shards); `cache_dir` keeps remote shards on this node.
     """
 
     def __init__(
@@ -180,6 +102,8 @@ class ShardReader:
         device: torch.device | str = "cpu",
         augment: Augmentation | None = None,
         on_error: str = "raise",
+        shards: str = "",
+        cache_dir: str = "",
     ):
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
@@ -188,7 +112,7 @@ class ShardReader:
             )
         if min(shuffle_buffer, num_workers, max_examples) < 0:
             raise ValueError("shuffle_buffer, num_workers, max_examples must be >= 0")
-        self.root = Path(root)
+        self.root = local(root)
         self.split = split
         self.meta = meta
         self.batch_size = batch_size
@@ -198,10 +122,19 @@ class ShardReader:
         self.device = torch.device(device)
         self.num_skipped = 0
         """Samples left out so far under on_error=skip (all epochs read by this reader)."""
+        self._skips_reported = False
         self._fmt = SampleFormat.from_meta(meta, on_error)
         Skips(on_error)  # validates the value here rather than in a worker
 
         all_shards = split_shards(meta, split, self.root)
+        if shards:
+            located = expand_shards(shards, all_shards, join(self.root, META_NAME))
+            all_shards = [name for name, _ in located]
+        else:
+            where = shard_root(meta, self.root)
+            located = [(name, join(where, name)) for name in all_shards]
+        self._urls = dict(located)
+        self._cache_dir = cache_dir
         readers = world_size * max(num_workers, 1)
         self.resampled = train and len(all_shards) < readers
         if self.resampled:
@@ -220,11 +153,11 @@ class ShardReader:
         self.shards = all_shards[self.rank :: self.world_size]
         if not self.shards:
             raise DataError(
-                f"{self.root / 'meta.json'}: split {self.split!r} has {len(all_shards)} "
+                f"{join(self.root, META_NAME)}: split {self.split!r} has {len(all_shards)} "
                 f"shard(s), too few for {self.world_size} ranks (rank {self.rank} gets none); "
                 f"rewrite it with a smaller --samples-per-shard"
             )
-        tasks = shard_tasks(self.root, self.meta, self.shards, max_examples)
+        tasks = self._tasks(self.shards, max_examples)
         self.num_examples = sum(t.limit for t in tasks)
         # Workers beyond the number of shards would read nothing: do not start them.
         self.num_workers = min(num_workers, len(tasks))
@@ -238,7 +171,7 @@ class ShardReader:
     def _plan_resampled(self, all_shards: list[str], num_workers: int, max_examples: int) -> None:
         """Every rank and worker draws from all shards; each gets an equal, fixed share."""
         self.shards = list(all_shards)
-        pool = tuple(shard_tasks(self.root, self.meta, all_shards, max_examples))
+        pool = tuple(self._tasks(all_shards, max_examples))
         total = sum(t.limit for t in pool)
         self.num_workers = num_workers
         groups = max(num_workers, 1)
@@ -248,11 +181,17 @@ class ShardReader:
         self.num_examples = per_rank
         self.batches_per_epoch = sum(self._num_batches(q) for q in self._quota)
 
+    def _tasks(self, names: list[str], max_examples: int) -> list[ShardTask]:
+        urls = [self._urls[name] for name in names]
+        return shard_tasks(
+            self.root, self.meta, names, max_examples, urls=urls, cache_dir=self._cache_dir
+        )
+
     def _num_batches(self, n: int) -> int:
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def _raw_batches(self, epoch: int) -> Iterator[RawBatch]:
-        plan = _EpochPlan(
+        plan = EpochPlan(
             worker_tasks=self._worker_tasks,
             resample_quota=self._quota,
             fmt=self._fmt,
@@ -262,12 +201,10 @@ class ShardReader:
             seed=self.seed,
             rank=self.rank,
             epoch=epoch,
+            report_skips=not self._skips_reported,
         )
-        stream = _EpochStream(plan)
-        if self.num_workers == 0:
-            return iter(stream)
-        # batch_size=None: batches are built inside the workers' pipelines.
-        return _from_workers(DataLoader(stream, batch_size=None, num_workers=self.num_workers))
+        self._skips_reported = True
+        return epoch_batches(plan, self.num_workers)
 
     def _finish(self, raw: RawBatch, epoch: int, index: int) -> Batch:
         """uint8 (B, H, W, C) → float32 (B, C, H, W) on the device, augmented. Moved as uint8
@@ -283,7 +220,7 @@ class ShardReader:
         return Batch(x, labels, recon_targets)
 
     def _epoch(self, epoch: int, skip: int) -> Iterator[Batch]:
-        index = 0
+        index, skipped = 0, self.num_skipped
         for raw in self._raw_batches(epoch):
             self.num_skipped += raw.skipped
             if raw.images is None:
@@ -291,6 +228,13 @@ class ShardReader:
             if index >= skip:  # skipped batches are read but not converted
                 yield self._finish(raw, epoch, index)
             index += 1
+        if index == 0:
+            # Every epoch would be the same: without this, `batches()` loops forever, silently.
+            raise DataError(
+                f"{self.root}: no {self.split!r} batch of {self.batch_size} in epoch {epoch}: "
+                f"{self.num_skipped - skipped} samples skipped as bad (data.on_error=skip); "
+                f"the data is damaged, rewrite it"
+            )
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The `batches_per_epoch` batches of epoch `epoch` for this rank."""

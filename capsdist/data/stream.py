@@ -5,26 +5,31 @@ plain generators over plain data, so it pickles to workers and is easy to test. 
 is kept to slicing bytes: images of a batch are joined and decoded with one `np.frombuffer`.
 A bad sample either stops the run with a DataError naming the shard and the sample key
 (`on_error="raise"`) or is left out and counted (`"skip"`); the count travels with the batches.
+A shard whose sha256 is not the one in meta.json is bad as a whole (checksum.py). Skipping gives
+up after MAX_CONSECUTIVE_SKIPS bad samples in a row: data that bad is damaged, not noisy, and a
+reader that skips everything would otherwise run (and log) forever.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from capsdist.data.meta import DataError
-from capsdist.data.tar import group_samples, tar_members
+from capsdist.data.images import RAW_FIELD, ImageError, decode_image
+from capsdist.data.source import LoadedShard
+from capsdist.data.tar import group_samples, printable, tar_members
+from capsdist.data.urls import DataError
 
 Sample = tuple[str, bytes, tuple[int, ...], bytes | None]  # key, HWC pixels, labels, recon pixels
 MAX_SKIP_MESSAGES = 5  # per reader process; later skips are only counted
+# A constant for now; a config key (data.max_consecutive_skips) if data sets ever need another.
+MAX_CONSECUTIVE_SKIPS = 1000
 
 
 class RawBatch(NamedTuple):
@@ -41,32 +46,6 @@ class RawBatch(NamedTuple):
 
 
 @dataclass(frozen=True)
-class ShardTask:
-    """One shard to read: its path, its size per meta.json, and how many samples to take."""
-
-    path: str
-    expected: int
-    limit: int
-
-
-def shard_tasks(
-    root: Path, meta: dict[str, Any], names: list[str], max_examples: int = 0
-) -> list[ShardTask]:
-    """These shards of `root` with the samples to take from each (all, unless max_examples)."""
-    tasks, left = [], max_examples if max_examples > 0 else math.inf
-    for name in names:
-        path = root / name
-        if not path.is_file():
-            raise DataError(f"{path}: shard listed in meta.json is missing")
-        size = meta["shard_sizes"][name]
-        take = int(min(size, left))
-        if take > 0:
-            tasks.append(ShardTask(str(path), size, take))
-        left -= take
-    return tasks
-
-
-@dataclass(frozen=True)
 class SampleFormat:
     """What every sample must look like (from meta.json), and what to do when one does not."""
 
@@ -75,6 +54,7 @@ class SampleFormat:
     num_targets: int
     recon_shape: tuple[int, ...] | None = None  # T, H, W, C of the `recon.u8` field, if any
     on_error: str = "raise"  # or "skip"
+    image_field: str = RAW_FIELD  # or `png`, `jpg`, ...: decoded here (images.py)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], on_error: str, recon: bool = True) -> SampleFormat:
@@ -86,6 +66,7 @@ class SampleFormat:
             meta["num_targets"],
             tuple(recon_shape) if recon_shape else None,
             on_error,
+            meta.get("image_field", RAW_FIELD),
         )
 
     @property
@@ -98,23 +79,34 @@ class SampleFormat:
 
 
 class Skips:
-    """Counts samples left out under on_error=skip and says why for the first few."""
+    """Counts samples left out under on_error=skip and says why for the first `max_messages`;
+    gives up (DataError) after MAX_CONSECUTIVE_SKIPS bad samples with no good one between."""
 
-    def __init__(self, on_error: str):
+    def __init__(self, on_error: str, max_messages: int = MAX_SKIP_MESSAGES):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be raise or skip, got {on_error!r}")
         self.skip = on_error == "skip"
+        self.max_messages = max_messages
         self.pending = 0  # not yet reported with a batch
         self.messages = 0
+        self.streak = 0
+        """Bad samples since the last good one; the stream's good samples set it back to 0."""
 
     def __call__(self, message: str, count: int = 1) -> None:
         """Raise DataError(message), or (skip mode) count `count` samples as left out."""
         if not self.skip:
             raise DataError(message)
+        self.streak += count
+        if self.streak >= MAX_CONSECUTIVE_SKIPS:
+            raise DataError(
+                f"{self.streak} consecutive bad samples, the last: {message}; data.on_error=skip "
+                f"gives up after {MAX_CONSECUTIVE_SKIPS}: the data is damaged, rewrite it"
+            )
         self.pending += count
         self.messages += 1
-        if self.messages <= MAX_SKIP_MESSAGES:
-            more = " (further skips are only counted)" if self.messages == MAX_SKIP_MESSAGES else ""
+        if self.messages <= self.max_messages:
+            last = self.messages == self.max_messages
+            more = " (further skips are only counted)" if last else ""
             print(f"capsdist data: skipped {count}: {message}{more}", file=sys.stderr, flush=True)
 
     def take(self) -> int:
@@ -128,22 +120,32 @@ def mix_seed(*parts: int) -> int:
     return int(state[0]) << 32 | int(state[1])
 
 
-def read_shard(task: ShardTask, skips: Skips | None = None) -> Iterator[dict]:
-    """webdataset-style samples ({"__key__", "__url__", "img.u8", "cls", ...}) of one shard, up
-    to task.limit.
+def read_shard(shard: LoadedShard, skips: Skips | None = None) -> Iterator[dict]:
+    """webdataset-style samples ({"__key__", "__url__", "img.u8", "cls", ...}) of one loaded
+    shard (source.py), up to its task's limit.
 
     A shard that cannot be read, is cut short or damaged, or holds a different number of
     samples than meta.json says raises DataError naming the file (and the sample, when known);
     under on_error=skip the samples before the damage are kept and the missing ones counted.
+    A shard that parses but is not the file meta.json describes (sha256) is refused whole.
     """
-    skips = skips or Skips("raise")
     try:
-        with open(task.path, "rb") as f:
-            data = f.read()
-    except OSError as exn:
-        skips(f"{task.path}: cannot read the shard ({exn.strerror or exn})", task.limit)
+        yield from _samples(shard, skips or Skips("raise"))
+    finally:
+        shard.release()
+
+
+def _samples(shard: LoadedShard, skips: Skips) -> Iterator[dict]:
+    task, data = shard.task, shard.data
+    if shard.problem:
+        skips(shard.problem, task.limit)
         return
     members, error = tar_members(data)
+    # Damage found while parsing is named more precisely (the sample) than a digest could.
+    mismatch = None if error else shard.mismatch()
+    if mismatch:
+        skips(mismatch, task.limit)
+        return
     if error is not None and error.key is not None:
         # The damaged sample may have lost only some fields: leave it out whole.
         members = [m for m in members if not _has_key(m.name, error.key)]
@@ -151,17 +153,17 @@ def read_shard(task: ShardTask, skips: Skips | None = None) -> Iterator[dict]:
     for sample in group_samples(data, members):
         if count == task.limit:
             if task.limit == task.expected:
-                skips(f"{task.path}: holds more samples than the {task.expected} in meta.json", 0)
+                skips(f"{task.url}: holds more samples than the {task.expected} in meta.json", 0)
             return  # with max_examples, the rest of the shard is not needed
-        sample["__url__"] = task.path
+        sample["__url__"] = task.url
         count += 1
         yield sample
     if error is not None and count < task.limit:
-        at = f" at sample {error.key}" if error.key else ""
-        skips(f"{task.path}: unreadable or truncated shard{at} ({error})", task.limit - count)
+        at = f" at sample {printable(error.key)}" if error.key else ""
+        skips(f"{task.url}: unreadable or truncated shard{at} ({error})", task.limit - count)
     elif count < task.limit:
         skips(
-            f"{task.path}: holds {count} samples, meta.json says {task.expected} "
+            f"{task.url}: holds {count} samples, meta.json says {task.expected} "
             f"(truncated or replaced shard; rewrite the data set with `capsdist data ...`)",
             task.limit - count,
         )
@@ -178,39 +180,59 @@ def decode(
     skips = skips or Skips(fmt.on_error)
     image_bytes, recon_bytes = fmt.image_bytes, fmt.recon_bytes
     num_classes, num_targets = fmt.num_classes, fmt.num_targets
+    field = fmt.image_field
     for sample in samples:
         key, url = sample.get("__key__"), sample.get("__url__")
-        image, cls = sample.get("img.u8"), sample.get("cls")
+        image, cls = sample.get(field), sample.get("cls")
         recon = sample.get("recon.u8") if recon_bytes else None
         if image is None or cls is None or (recon_bytes and recon is None):
             fields = sorted(k for k in sample if not k.startswith("__"))
-            needed = "img.u8, cls" + (", recon.u8" if recon_bytes else "")
-            skips(f"{url}: sample {key} lacks one of {needed} (has {fields})")
+            needed = f"{field}, cls" + (", recon.u8" if recon_bytes else "")
+            skips(f"{_where(url, key)} lacks one of {needed} (has {fields})")
             continue
-        if len(image) != image_bytes:
+        if field != RAW_FIELD:
+            try:
+                pixels = decode_image(image)
+            except ImageError as exn:
+                skips(f"{_where(url, key)}: {field}: {exn}")
+                continue
+            if pixels.shape != fmt.image_shape:
+                skips(
+                    f"{_where(url, key)}: {field} is {list(pixels.shape)} (H, W, C), the "
+                    f"image_shape in meta.json is {list(fmt.image_shape)}"
+                )
+                continue
+            image = pixels.tobytes()
+        elif len(image) != image_bytes:
             skips(
-                f"{url}: sample {key}: img.u8 holds {len(image)} bytes, the image_shape in "
+                f"{_where(url, key)}: img.u8 holds {len(image)} bytes, the image_shape in "
                 f"meta.json needs {image_bytes}"
             )
             continue
         if recon is not None and len(recon) != recon_bytes:
             skips(
-                f"{url}: sample {key}: recon.u8 holds {len(recon)} bytes, the recon_shape in "
+                f"{_where(url, key)}: recon.u8 holds {len(recon)} bytes, the recon_shape in "
                 f"meta.json needs {recon_bytes}"
             )
             continue
         try:
             labels = tuple(int(part) for part in cls.split(b","))
         except ValueError:
-            skips(f"{url}: sample {key}: cls {cls[:20]!r} is not integer labels")
+            skips(f"{_where(url, key)}: cls {cls[:20]!r} is not integer labels")
             continue
         if len(labels) != num_targets or not all(0 <= y < num_classes for y in labels):
             skips(
-                f"{url}: sample {key}: label(s) {','.join(map(str, labels))} do not fit "
+                f"{_where(url, key)}: label(s) {','.join(map(str, labels))} do not fit "
                 f"meta.json (num_targets {num_targets}, classes 0..{num_classes - 1})"
             )
             continue
+        skips.streak = 0
         yield key, image, labels, recon
+
+
+def _where(url: str, key: str) -> str:
+    """`SHARD: sample KEY` for messages; KEY comes from the shard, so it is shown escaped."""
+    return f"{url}: sample {printable(key)}"
 
 
 def shuffle(items: Iterable, buffer_size: int, rng: random.Random) -> Iterator:

@@ -7,6 +7,11 @@ headers and one vectorised check of every header checksum are enough. The files 
 tar (webdataset and `tar` read them; tests check both ways). Members other than regular files are
 handled as tar does: directories are skipped, pax headers may rename the next member or give its
 size; anything else (links, devices, GNU long names) is refused with the member's name.
+
+Shards are untrusted input: every size is checked to be a non-negative integer, so the read
+position moves forward by at least one block per header and a hostile file cannot make the walk
+loop (a negative size once sent it back to an earlier header, forever, growing the member list).
+Names and keys are shown through `printable`, so control bytes in them never reach a terminal.
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ class TarFormatError(ValueError):
     def __init__(self, message: str, key: str | None = None):
         super().__init__(message)
         self.key = key
+
+
+def printable(text: str) -> str:
+    """`text` as is when it is plain, else its repr: a member name or key from a shard may hold
+    control bytes (an ESC sequence that clears the screen), which messages must not print raw."""
+    return text if text.isprintable() else repr(text)
 
 
 class Member(NamedTuple):
@@ -112,7 +123,10 @@ def _walk(data: bytes, members: list[Member], headers: list[int]) -> None:
         kind = data[pos + 156]
         start = pos + BLOCK
         if pax is not None:
-            name, size, pax = pax.get("path", name), int(pax.get("size", size)), None
+            name, size = pax.get("path", name), _pax_size(pax, size, name)
+            pax = None
+        if size < 0:  # int(..., 8) accepts a sign; see the module docstring for why this matters
+            raise TarFormatError(f"negative size {size} in the header of {name!r}", _key_of(name))
         if start + size > end:
             raise TarFormatError("unexpected end of data", _key_of(name))
         pos = start + (size + BLOCK - 1) // BLOCK * BLOCK
@@ -124,6 +138,19 @@ def _walk(data: bytes, members: list[Member], headers: list[int]) -> None:
             raise TarFormatError(
                 f"member {name!r} is not a regular file (type {chr(kind)!r})", _key_of(name)
             )
+
+
+def _pax_size(pax: dict[str, str], size: int, name: str) -> int:
+    """The member's size from its pax header, if the header gives one: decimal digits only."""
+    text = pax.get("size")
+    if text is None:
+        return size
+    if not (text.isascii() and text.isdigit()):
+        raise TarFormatError(
+            f"pax header of {name!r} gives size {text!r}, not a non-negative integer",
+            _key_of(name),
+        )
+    return int(text)
 
 
 def _first_bad_header(data: bytes, headers: list[int]) -> int | None:

@@ -7,6 +7,7 @@ from capsdist.distributed.engine import (
     build_engine,
     import_deepspeed,
     init_process_group,
+    leave_process_group,
 )
 from capsdist.distributed.env import DistEnv, free_port, keep_freed_memory, pick_device
 
@@ -19,5 +20,6 @@ __all__ = [
     "import_deepspeed",
     "init_process_group",
     "keep_freed_memory",
+    "leave_process_group",
     "pick_device",
 ]

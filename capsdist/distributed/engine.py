@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 from capsdist.config.schema import Config, ConfigError, TrainConfig
 from capsdist.distributed.env import DistEnv, export_rendezvous
+from capsdist.extensions import build_lock
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,27 @@ def init_process_group(env: DistEnv) -> None:
     """Join the job's process group (gloo on CPU, NCCL on GPU) before anything collective."""
     export_rendezvous(env)
     deepspeed = import_deepspeed()
+    _load_comm_op(deepspeed)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "TORCHELASTIC_RESTART_COUNT" in os.environ and env.world_size > 1:
         _init_elastic_process_group(env, backend)  # DeepSpeed then wraps the existing group
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def _load_comm_op(deepspeed) -> None:
+    """Build or load DeepSpeed's shared-memory CPU comm op under capsdist's build lock (a build
+    killed half-way would otherwise hang every later run: capsdist/extensions.py). It happens
+    here, before the rendezvous, because init_distributed loads it and then waits for the other
+    ranks: holding the lock across that wait would deadlock them. DeepSpeed keeps the loaded
+    module, so init_distributed reuses it."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    # DeepSpeed's own condition for loading it (deepspeed/comm/torch.py: build_shm_op).
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    with build_lock(builder.name):
+        builder.load()
 
 
 def _init_elastic_process_group(env: DistEnv, backend: str) -> None:
@@ -114,11 +133,31 @@ def _init_elastic_process_group(env: DistEnv, backend: str) -> None:
     dist.init_process_group(backend, store=prefixed, rank=env.rank, world_size=env.world_size)
 
 
+def leave_process_group() -> None:
+    """Destroy the job's process group, so that the same process can train again (sweeps and
+    notebooks call `run_training` more than once). Workaround: DeepSpeed caches a clone of the
+    world group in `deepspeed.utils.groups._WORLD_GROUP` and would hand the destroyed one to the
+    next engine ("Group ... is not registered", DeepSpeed 0.19)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        groups._WORLD_GROUP = None
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, env: DistEnv, ds_config: dict):
     """The DeepSpeed engine around `model` (DeepSpeed config `ds_config`, from
     `build_deepspeed_config`), with the reference's Adam and learning-rate decay."""
     if cfg.ds.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("ds.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16)")
+    if cfg.ds.precision != "fp32" and cfg.ds.zero_stage == 0:
+        # Without ZeRO, DeepSpeed keeps the fp32 master weights in one flat buffer with no
+        # per-parameter view, so the checkpoint's fp32 export cannot be made: refuse before
+        # training rather than at the first checkpoint (issue 15 lifts this).
+        raise ConfigError(
+            f"ds.precision={cfg.ds.precision} needs ds.zero_stage=1 or 2 for now: with ZeRO-0 the "
+            "fp32 master weights cannot be exported at a checkpoint"
+        )
     deepspeed = import_deepspeed()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import asdict
 from itertools import combinations
 from pathlib import Path
 
 import torch
 
-from capsdist.config import Config
+from capsdist.config import Config, config_to_dict
 from capsdist.data import read_meta
 from capsdist.distributed import pick_device
-from capsdist.eval.evaluate import build_eval_reader, load_model
+from capsdist.eval.evaluate import build_eval_reader, load_model, no_examples_error
 from capsdist.models import ModelOutput, num_correct
 from capsdist.run_dir import (
     WEIGHTS,
@@ -117,12 +116,14 @@ def evaluate_ensemble(
             bar.update(1, acc=f"{ensemble_correct / examples:.4f}")
     finally:
         bar.close()
+    if not examples:
+        raise no_examples_error(reader)
     pairs = max(n * (n - 1) // 2, 1)
     return {
-        "member_accuracies": [int(c) / max(examples, 1) for c in correct],
-        "ensemble_accuracy": ensemble_correct / max(examples, 1),
-        "agreement_all": all_agree / max(examples, 1),
-        "agreement_pairwise": int(pair_agree.sum()) / pairs / max(examples, 1),
+        "member_accuracies": [int(c) / examples for c in correct],
+        "ensemble_accuracy": ensemble_correct / examples,
+        "agreement_all": all_agree / examples,
+        "agreement_pairwise": int(pair_agree.sum()) / pairs / examples,
         "num_examples": examples,
     }
 
@@ -158,7 +159,7 @@ def run_ensemble_eval(
     print(table, end="", flush=True)
     result.update(members=names, split=cfg.data.eval_split, out=str(out_dir))
     write_text_atomic(out_dir / "ensemble.md", table)
-    write_json_atomic(out_dir / "ensemble.json", {**result, "config": asdict(cfg)})
+    write_json_atomic(out_dir / "ensemble.json", {**result, "config": config_to_dict(cfg)})
     _log_to_wandb(cfg, out_dir, result)
     return result
 
@@ -167,7 +168,7 @@ def _log_to_wandb(cfg: Config, out_dir: Path, result: dict) -> None:
     """An `ensemble` run whose table lists every member and the ensemble."""
     cfg.wandb.group = cfg.wandb.group or f"ensemble-{out_dir.parent.name}"
     cfg.wandb.tags = [*cfg.wandb.tags, "ensemble"]
-    sink = build_wandb_sink(out_dir, cfg.wandb, asdict(cfg), job_type="ensemble")
+    sink = build_wandb_sink(out_dir, cfg.wandb, config_to_dict(cfg), job_type="ensemble")
     if sink is None:
         return
     try:

@@ -6,13 +6,13 @@ Also the pieces every reader of a run directory shares: the model rebuilt from e
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import sys
 from pathlib import Path
 
 import torch
 
-from capsdist.config import Config
-from capsdist.data import ShardReader, build_reader, check_extra_eval_root, read_meta
+from capsdist.config import Config, config_to_dict
+from capsdist.data import DataError, ShardReader, build_reader, check_extra_eval_root, read_meta
 from capsdist.distributed import pick_device
 from capsdist.models import build_model, compute_loss, num_correct
 from capsdist.run_dir import (
@@ -63,12 +63,23 @@ def evaluate(model: torch.nn.Module, reader: ShardReader, cfg: Config, desc: str
     finally:
         bar.close()
         model.train(was_training)
+    if not examples:
+        raise no_examples_error(reader)
     return {
-        "accuracy": correct / max(examples, 1),
-        "loss": loss_sum / max(examples, 1),
+        "accuracy": correct / examples,
+        "loss": loss_sum / examples,
         "num_examples": int(examples),
         "num_errors": int(examples - correct),
     }
+
+
+def no_examples_error(reader: ShardReader) -> DataError:
+    """An evaluation that read nothing has no score: 0 % accuracy would be a lie."""
+    skipped = f" ({reader.num_skipped} bad, skipped under data.on_error=skip)"
+    return DataError(
+        f"{reader.root}: no {reader.split!r} example to evaluate"
+        f"{skipped if reader.num_skipped else ''}: check the data or data.eval_split"
+    )
 
 
 def build_eval_reader(
@@ -109,11 +120,23 @@ def run_eval(cfg: Config) -> dict:
     }
     extra = {}
     for root, extra_meta in extra_metas.items():
-        name = Path(root).name
+        name = str(root).rstrip("/").rsplit("/", 1)[-1]  # the folder's name, of a path or URL
         other = build_eval_reader(cfg, extra_meta, device, root=root)
         extra[name] = {**evaluate(model, other, cfg, desc=f"eval {name}"), "root": str(root)}
         result[f"{name}_accuracy"] = extra[name]["accuracy"]
     if extra:
         result["extra_eval"] = extra
-    write_json_atomic(weights.parent / "eval.json", {**result, "config": asdict(cfg)})
+    _write_eval_json(weights.parent / "eval.json", {**result, "config": config_to_dict(cfg)})
     return result
+
+
+def _write_eval_json(path: Path, record: dict) -> None:
+    """eval.json beside the weights. Weights in a read-only place (a colleague's run, an
+    archive) are still worth evaluating: their score goes to stdout, and a warning says so."""
+    try:
+        write_json_atomic(path, record)
+    except OSError as err:
+        print(
+            f"warning: {path} not written ({err.strerror}); the result is on stdout only",
+            file=sys.stderr,
+        )

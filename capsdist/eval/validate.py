@@ -1,8 +1,9 @@
 """`capsdist validate`: follow a training run and evaluate each new checkpoint once.
 
 The reference's `--validate` job: poll the run's checkpoint folder, evaluate every complete
-checkpoint on the evaluation split, keep the best, and stop when training has finished (its
-status.json says so) or when no new checkpoint came for validate.timeout_s. It reads only the
+checkpoint on the evaluation split, keep the best, and stop when training has ended (its
+status.json says finished, stopped or failed) or when no new checkpoint came for
+validate.timeout_s. It reads only the
 consolidated safetensors each checkpoint holds, so it needs no DeepSpeed and can run on another
 machine that sees the run directory. A restarted validator skips what it already evaluated.
 """
@@ -12,20 +13,21 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
-from capsdist.config import Config
+from capsdist.config import Config, config_to_dict
 from capsdist.data import read_meta
 from capsdist.distributed import pick_device
 from capsdist.eval.evaluate import build_eval_reader, evaluate, load_model
 from capsdist.run_dir import (
     CHECKPOINTS,
+    ENDED,
     WEIGHTS,
     CheckpointError,
+    UnreadableWeightsError,
     complete_checkpoints,
     copy_file_atomic,
-    training_finished,
+    read_status,
     write_json_atomic,
 )
 from capsdist.track import JsonlSink, build_wandb_sink
@@ -41,12 +43,12 @@ def run_validate(cfg: Config) -> dict:
     record_path = run_dir / "validation.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"evaluated": {}}
     sinks = [JsonlSink(run_dir / "metrics.jsonl")]
-    wandb = build_wandb_sink(run_dir, cfg.wandb, asdict(cfg), job_type="validate")
+    wandb = build_wandb_sink(run_dir, cfg.wandb, config_to_dict(cfg), job_type="validate")
     sinks += [wandb] if wandb else []
     last_new = time.monotonic()
     try:
         while True:
-            finished = training_finished(run_dir)  # read BEFORE listing: no final ckpt missed
+            status = read_status(run_dir)  # read BEFORE listing: no final ckpt missed
             pending = [
                 (step, folder)
                 for step, folder in complete_checkpoints(ckpt_dir)
@@ -69,7 +71,7 @@ def run_validate(cfg: Config) -> dict:
                 for sink in sinks:
                     sink.log(step, metrics)
                 last_new = time.monotonic()
-            if finished and not pending:
+            if status.get("state") in ENDED:  # read before the listing: nothing can follow it
                 break
             if time.monotonic() - last_new > cfg.validate.timeout_s:
                 waited = cfg.validate.timeout_s
@@ -85,16 +87,18 @@ def run_validate(cfg: Config) -> dict:
         "num_checkpoints": len(record["evaluated"]),
         "best_step": record["best_step"],
         "best_accuracy": record["best_accuracy"],
-        "finished": finished,
+        "finished": status.get("state") == "finished",
+        "training": status.get("state", "not started"),
         "run_dir": str(run_dir),
     }
 
 
 def _evaluate_checkpoint(folder: Path, cfg: Config, device, reader, step: int) -> dict | None:
-    """Scores of one checkpoint, or None if training pruned it before we read it."""
+    """Scores of one checkpoint, or None if training pruned it before we read it (or it is
+    damaged: following a run, the next checkpoint is as good)."""
     try:
         model = load_model(folder / WEIGHTS, cfg, device)
-    except (FileNotFoundError, ValueError) as err:
+    except UnreadableWeightsError as err:
         warnings.warn(f"skipping checkpoint {folder}: {err}", stacklevel=2)
         return None
     return evaluate(model, reader, cfg, desc=f"validate step {step}")

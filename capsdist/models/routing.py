@@ -34,27 +34,39 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from capsdist.extensions import build_lock, cpu_feature_key
 from capsdist.models.layers import squash
 
 CPU_KERNELS_SOURCE = Path(__file__).with_name("routing_cpu.cpp")
+CPU_KERNELS_NAME = "capsdist_routing_cpu"
+
+
+def cpu_kernels_name() -> str:
+    """The kernels' extension name, one per CPU kind: they are built with -march=native into a
+    cache that a cluster's nodes may share, and a binary built for another CPU generation can
+    crash this one with an illegal instruction."""
+    return f"{CPU_KERNELS_NAME}_{cpu_feature_key()}"
 
 
 @functools.cache
 def cpu_kernels():
     """The fused CPU passes of routing_cpu.cpp, built on first use with torch's JIT extension
-    loader and cached (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR); None (with one
-    warning) where no C++ compiler or build tool is available: routing then runs on torch ops,
-    which give the same results, slower."""
+    loader and cached (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR) under capsdist's
+    build lock (a build killed half-way never blocks later ones: capsdist/extensions.py); None
+    (with one warning) where no C++ compiler or build tool is available: routing then runs on
+    torch ops, which give the same results, slower."""
     try:
         from torch.utils.cpp_extension import load
 
-        return load(
-            name="capsdist_routing_cpu",
-            sources=[str(CPU_KERNELS_SOURCE)],
-            # -fopenmp: at::parallel_for is inlined from ATen's OpenMP header.
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
+        name = cpu_kernels_name()
+        with build_lock(name):
+            return load(
+                name=name,
+                sources=[str(CPU_KERNELS_SOURCE)],
+                # -fopenmp: at::parallel_for is inlined from ATen's OpenMP header.
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+            )
     except Exception as err:  # no compiler, no ninja, a read-only cache, ...
         warnings.warn(
             f"fused CPU routing unavailable, using torch ops (slower): {err!r:.300}",

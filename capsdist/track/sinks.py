@@ -21,20 +21,47 @@ class MetricSink(Protocol):
 
 
 class JsonlSink:
-    """One JSON object a line, appended (a resumed run continues the same file)."""
+    """One JSON object a line, appended (a resumed run continues the same file). A job that
+    resumed at step `resumed_at` first drops the lines after it: it replays those steps and
+    would log them twice. Every line is one append to a freshly opened file, so a writer beside
+    it (`capsdist validate`) never writes into a file that a resumed job has replaced."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resumed_at: int | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a")  # noqa: SIM115 - open for the whole run, closed in close()
+        self._path = path
+        if resumed_at is not None and path.exists():
+            _drop_lines_after(path, resumed_at)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self._file.write(
-            json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n"
-        )
-        self._file.flush()
+        line = json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n"
+        with open(self._path, "a") as f:
+            f.write(line)
 
     def close(self) -> None:
-        self._file.close()
+        """Nothing is held open between lines."""
+
+
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Keep the lines of steps up to `step`, replacing the file atomically (temp file + rename:
+    a crash leaves the old file). A line that does not parse (cut short by a kill) goes too."""
+    lines = path.read_text().splitlines()
+    steps = [_step_of(line) for line in lines]
+    kept = [line for line, n in zip(lines, steps, strict=True) if n is not None and n <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class WandbSink:

@@ -73,13 +73,18 @@ def sum_over_ranks(count: int) -> int:
     return int(value.item())
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of an integer over every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_reduce_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if the flag is set on any rank (stop decisions must agree)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=_reduce_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(max_over_ranks(int(flag)))
 
 
 def replica_report(model: torch.nn.Module, shards: list[str]) -> tuple[bool, list[list[str]]]:

@@ -22,7 +22,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from capsdist.config import config_to_yaml, load_config
-from capsdist.data import read_meta
+from capsdist.data import is_remote, read_meta
 from capsdist.run_dir import write_json_atomic, write_text_atomic
 from capsdist.track import ProgressBar, build_wandb_sink
 from capsdist.tune.spec import Dimension, SweepError, SweepSpec, format_override
@@ -59,7 +59,10 @@ def _tune_domain(dim: Dimension):
 def _trial_base(spec: SweepSpec) -> TrialBase:
     base = spec.base_config()
     read_meta(base.data.root)  # before Ray starts: data.root set, and shards there
-    data_root = format_override("data.root", str(Path(base.data.root).absolute()))
+    root = base.data.root  # absolute: Ray runs trials in a working directory of their own
+    data_root = format_override(
+        "data.root", root if is_remote(root) else str(Path(root).absolute())
+    )
     return TrialBase(
         configs=tuple(str(Path(c).absolute()) for c in spec.sweep.configs),
         overrides=(*spec.overrides, data_root),

@@ -10,13 +10,12 @@ steps; images (B, C, H, W) in the model, (B, H, W, C) numpy for drawing.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from capsdist.config import Config
+from capsdist.config import Config, config_to_dict
 from capsdist.data import read_meta
 from capsdist.distributed import pick_device
 from capsdist.eval import build_eval_reader, load_model
@@ -156,7 +155,7 @@ def run_viz(cfg: Config, out: str = "") -> dict:
         reader=reader,
         title=weights.parent.name,
     )
-    sink = build_wandb_sink(out_dir, cfg.wandb, asdict(cfg), job_type="viz")
+    sink = build_wandb_sink(out_dir, cfg.wandb, config_to_dict(cfg), job_type="viz")
     if sink is not None:
         try:
             sink.log_images(0, {f"figures/{name}": path for name, path in paths.items()})

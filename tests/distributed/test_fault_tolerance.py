@@ -85,6 +85,24 @@ def test_torchrun_restarts_a_killed_rank_and_continues(mnist_sample, tmp_path):
     assert final_json(result.stdout)["step"] == 60
 
 
+def test_sigterm_to_a_torchrun_job_stops_every_rank_at_one_checkpoint(mnist_sample, tmp_path):
+    """As `scancel` does: SIGTERM to every process of the job (torchrun forwards it again)."""
+    run = tmp_path / "run"
+    steps = "train.max_steps=100000 train.checkpoint_every=1000 train.log_every=2"
+    proc = start(["bash", "launch/launch.sh"], launch_env(mnist_sample, run, steps, NPROC="2"))
+    wait_for(run / "metrics.jsonl", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    result = finish(proc, timeout=120)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "stopped" and status["reason"] == "SIGTERM", result.stderr[-3000:]
+    step = status["step"]
+    assert (run / "checkpoints" / f"step{step:09d}" / "capsdist.json").exists()
+    assert (run / "model.safetensors").exists()
+    stopped = final_json(result.stdout)
+    assert stopped["step"] == step and stopped["stopped"] == "SIGTERM"
+    assert stopped["replicas_in_sync"] is True  # both ranks stopped after the same step
+
+
 def test_two_nodes_of_one_process_rendezvous_on_localhost(mnist_sample, tmp_path):
     run = tmp_path / "run"
     env = launch_env(

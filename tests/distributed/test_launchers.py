@@ -1,8 +1,10 @@
-"""Two ranks under torchrun and the deepspeed launcher (gloo, DeepSpeed on CPU)."""
+"""Two ranks under torchrun and the deepspeed launcher (gloo, DeepSpeed on CPU); what
+`make launch` passes on and refuses before starting any."""
 
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from capsdist.distributed import free_port
 from tests.conftest import ROOT, CliResult, cli_env, run_capsdist
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -30,6 +33,46 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> CliResult:
         cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def launch(args: str, timeout: float = 300, **env: str) -> CliResult:
+    """launch/launch.sh (what `make launch` runs) with debug_cpu.yaml and ARGS. Not through make:
+    its `install` prerequisite would reinstall the venv whenever pyproject.toml is newer, and make
+    exits 2 for any failure."""
+    env = cli_env(CONFIG="configs/debug_cpu.yaml", ARGS=args, MASTER_PORT=str(free_port()), **env)
+    proc = subprocess.run(
+        ["bash", "launch/launch.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_launch_passes_quoted_paths_with_spaces(mnist_sample, tmp_path):
+    data, run = tmp_path / "my data", tmp_path / "my run"
+    data.symlink_to(mnist_sample)
+    args = f"data.root={shlex.quote(str(data))} run.dir={shlex.quote(str(run))} train.max_steps=2"
+    out = launch(args, NPROC="1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ("train.lr=nan", "train.lr must be a finite number > 0, got nan"),
+        ("run.dir='/tmp/no closing quote", "ARGS: No closing quotation"),
+    ],
+)
+def test_launch_refuses_a_bad_config_once_before_starting(tmp_path, args, message):
+    """torchrun would retry a deterministic config error MAX_RESTARTS times."""
+    out = launch(f"{args} run.dir={tmp_path / 'run'}", MAX_RESTARTS="3", timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"launch: error: {message}"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_two_ranks_read_disjoint_shards_and_end_identical(mnist_sample, tmp_path):

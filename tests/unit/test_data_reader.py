@@ -197,11 +197,18 @@ def test_truncated_shard_is_named(copy, num_workers, cut):
 
 
 def test_shard_cut_between_samples_is_named(copy):
-    # A tar cut at a member boundary still parses; the count in meta.json catches it.
+    # A tar cut at a member boundary still parses; its sha256 (meta.json) catches it.
     shard = copy / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[: 10 * 2560])  # 10 whole samples (2 members each)
-    with pytest.raises(DataError, match="train-000001.tar: holds 10 samples, meta.json says 25"):
+    with pytest.raises(DataError, match="train-000001.tar: sha256 .* but meta.json records"):
         list(reader_of(copy, "train", batch_size=10, train=False).epoch(0))
+
+
+def test_shard_count_other_than_meta_is_named(copy):
+    edit_meta(copy, shard_sizes={**read_meta(copy)["shard_sizes"], "test-000001.tar": 26})
+    edit_meta(copy, splits={"train": N_TRAIN, "test": 51})
+    with pytest.raises(DataError, match="test-000001.tar: holds 25 samples, meta.json says 26"):
+        list(reader_of(copy, "test", batch_size=10, train=False).epoch(0))
 
 
 def test_image_size_must_match_meta(copy):
@@ -269,5 +276,7 @@ def test_shards_stay_readable_by_webdataset_and_tar_both_ways(shards, tmp_path):
     with wds.TarWriter(str(copy / "test-000000.tar")) as sink:
         for sample in wds.WebDataset(str(shards / "test-000000.tar"), shardshuffle=False):
             sink.write({k: v for k, v in sample.items() if k in ("__key__", "img.u8", "cls")})
+    digest = hashlib.sha256((copy / "test-000000.tar").read_bytes()).hexdigest()
+    edit_meta(copy, shards={**read_meta(copy)["shards"], "test-000000.tar": digest})
     again = digests(reader_of(copy, "test", batch_size=10, train=False).epoch(0))
     assert again == ours
