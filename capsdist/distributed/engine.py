@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from capsdist.config.schema import Config, ConfigError, TrainConfig
-from capsdist.distributed.env import DistEnv, export_rendezvous
+from capsdist.distributed.env import DistEnv, export_rendezvous, pick_device
 from capsdist.extensions import build_lock
 
 
@@ -160,7 +160,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, env: DistEnv, ds_config: d
         )
     deepspeed = import_deepspeed()
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(pick_device(env.local_rank))
     # TensorFlow's AdamOptimizer defaults (the reference): betas (0.9, 0.999), eps 1e-8. The
     # fused kernel does the same maths in one pass: ~96 ms instead of ~282 ms per step for the
     # 8.2 M-parameter MNIST model on 2 CPU cores (capsdist bench model).

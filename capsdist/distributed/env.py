@@ -65,12 +65,29 @@ def export_rendezvous(env: DistEnv) -> None:
         )
 
 
+def cuda_index(local_rank: int, visible_gpus: int) -> int | None:
+    """Which of the GPUs this process can see it trains on; None without any. A launcher that
+    binds one GPU per task (SLURM's --gpus-per-task, a per-rank CUDA_VISIBLE_DEVICES) leaves one
+    visible, always `cuda:0` whatever the local rank; one that shows every GPU of the node
+    (torchrun, the deepspeed launcher) means the local rank's."""
+    if visible_gpus == 0:
+        return None
+    if visible_gpus == 1:
+        return 0
+    if local_rank < visible_gpus:
+        return local_rank
+    raise RuntimeError(
+        f"local rank {local_rank} but this process sees only {visible_gpus} GPUs "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at "
+        "most one process per visible GPU, or give each process one GPU"
+    )
+
+
 def pick_device(local_rank: int = 0) -> torch.device:
-    """The device of a process: its local GPU when there is one, else the CPU. The one place
-    that decides it (training, eval, validate, ensembles, figures, benchmarks)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    """The device of a process: its GPU (see `cuda_index`) when it sees any, else the CPU. The
+    one place that decides it (training, eval, validate, ensembles, figures, benchmarks)."""
+    index = cuda_index(local_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    return torch.device("cpu") if index is None else torch.device("cuda", index)
 
 
 # Keep freed large blocks inside the process (glibc), so a training step stops page-faulting.

@@ -128,9 +128,20 @@ def log_images(run, step: int | None, images: dict[str, Path]) -> None:
 
 
 class ProgressBar:
-    """A tqdm bar on stderr (stdout is kept for the final JSON line)."""
+    """Progress on stderr (stdout is kept for the final JSON line). On a terminal, a tqdm bar. In
+    a batch job's log (SLURM, CI, `> file`: no TTY) a bar's carriage-return updates pile up into
+    one line of megabytes, so there it prints a plain line every $CAPSDIST_PROGRESS_EVERY_S
+    seconds (default 30) and one at the end: position, the latest values, rate and ETA."""
 
-    def __init__(self, total: int, initial: int = 0, desc: str = "train", unit: str = "step"):
+    def __init__(
+        self,
+        total: int,
+        initial: int = 0,
+        desc: str = "train",
+        unit: str = "step",
+        plain: bool | None = None,
+    ):
+        self._plain = not sys.stderr.isatty() if plain is None else plain
         self._bar = tqdm(
             total=total,
             initial=initial,
@@ -139,12 +150,38 @@ class ProgressBar:
             file=sys.stderr,
             dynamic_ncols=True,
             mininterval=0.5,
+            disable=self._plain,
         )
+        self._desc, self._unit, self._total = desc, unit, total
+        self._n = self._first = initial
+        self._postfix: dict[str, float | str] = {}
+        self._started = self._printed = time.monotonic()
+        self._every_s = float(os.environ.get("CAPSDIST_PROGRESS_EVERY_S", "30"))
 
     def update(self, n: int = 1, **postfix: float | str) -> None:
-        if postfix:
-            self._bar.set_postfix(postfix, refresh=False)
-        self._bar.update(n)
+        if not self._plain:
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(n)
+            return
+        self._n += n
+        self._postfix.update(postfix)
+        if time.monotonic() - self._printed >= self._every_s:
+            self._print_line()
+
+    def _print_line(self) -> None:
+        now = self._printed = time.monotonic()
+        rate = (self._n - self._first) / max(now - self._started, 1e-9)
+        position = f"{self._n}/{self._total}" if self._total else str(self._n)
+        words = [f"{self._desc}: {position} {self._unit}s"]
+        words += [f"{key}={value}" for key, value in self._postfix.items()]
+        words.append(f"{rate:.2f} {self._unit}s/s")
+        if self._total and rate > 0:
+            words.append(f"ETA {tqdm.format_interval((self._total - self._n) / rate)}")
+        print(" ".join(words), file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        self._bar.close()
+        if not self._plain:
+            self._bar.close()
+        elif self._n > self._first:  # where it ended
+            self._print_line()
