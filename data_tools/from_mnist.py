@@ -103,9 +103,33 @@ def _multi_chunks(images, labels, partners, shift, pad, rng) -> Iterator[tuple]:
         yield merged, np.stack([labels[base], labels[other]], 1), np.stack([a, b], 1)
 
 
-def _fingerprint(kind: str, source_meta: dict, **params: Any) -> str:
+def _write_derived(
+    out: str | Path,
+    *,
+    dataset: str,
+    kind: str,
+    what: str,
+    src: str | Path,
+    source_meta: dict,
+    splits: dict,
+    samples_per_shard: int,
+    progress: bool,
+    **params: Any,
+) -> dict[str, Any]:
+    """Write a data set made from MNIST shards: its generation `params` both go into meta.json
+    and, with the source's own fingerprint, make this set's fingerprint (same inputs and
+    params: the same shards, so a rerun is recognised)."""
     text = json.dumps([kind, source_meta.get("fingerprint"), params], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return write_dataset(
+        out,
+        dataset=dataset,
+        fingerprint=hashlib.sha256(text.encode()).hexdigest(),
+        splits=splits,
+        num_classes=source_meta["num_classes"],
+        samples_per_shard=samples_per_shard,
+        extra_meta={"source": f"{what} from {describe(src)}", **params},
+        progress=progress,
+    )
 
 
 def make_multimnist(
@@ -134,21 +158,20 @@ def make_multimnist(
         images, labels, partners, rng = data[split]
         return lambda: _multi_chunks(images, labels, partners, shift, pad, rng)
 
-    return write_dataset(
+    return _write_derived(
         out,
         dataset="multimnist",
-        fingerprint=_fingerprint("multimnist", meta, shift=shift, pad=pad, pairs=pairs, seed=seed),
+        kind="multimnist",
+        what="MultiMNIST",
+        src=src,
+        source_meta=meta,
         splits={split: (len(d[0]) * pairs, chunks(split)) for split, d in data.items()},
-        num_classes=meta["num_classes"],
         samples_per_shard=samples_per_shard,
-        extra_meta={
-            "source": f"MultiMNIST from {describe(src)}",
-            "shift": shift,
-            "pad": pad,
-            "pairs": pairs,
-            "seed": seed,
-        },
         progress=progress,
+        shift=shift,
+        pad=pad,
+        pairs=pairs,
+        seed=seed,
     )
 
 
@@ -186,21 +209,20 @@ def make_expanded_mnist(
 
         return generate
 
-    return write_dataset(
+    return _write_derived(
         out,
         dataset="expanded_mnist",
-        fingerprint=_fingerprint("expanded", meta, shift=shift, pad=pad, copies=copies, seed=seed),
+        kind="expanded",
+        what="expanded MNIST",
+        src=src,
+        source_meta=meta,
         splits={split: (len(d[0]) * copies, chunks(split)) for split, d in data.items()},
-        num_classes=meta["num_classes"],
         samples_per_shard=samples_per_shard,
-        extra_meta={
-            "source": f"expanded MNIST from {describe(src)}",
-            "shift": shift,
-            "pad": pad,
-            "copies": copies,
-            "seed": seed,
-        },
         progress=progress,
+        shift=shift,
+        pad=pad,
+        copies=copies,
+        seed=seed,
     )
 
 
