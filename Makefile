@@ -7,7 +7,7 @@ DEMO_RUN  ?= runs/mnist_sample
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format clean launch bench ensemble
+.PHONY: install demo test lint format clean launch bench ensemble gpu-check gpu-wheels cluster-tools
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,28 @@ demo: install $(SAMPLE)/meta.json
 	$(CAPSDIST) train -c configs/mnist_sample.yaml data.root=$(SAMPLE) run.dir=$(DEMO_RUN) $(DEMO_ARGS)
 	$(CAPSDIST) eval -c configs/mnist_sample.yaml data.root=$(SAMPLE) ckpt=$(DEMO_RUN)
 
-test: install
+test: install cluster-tools
 	WANDB_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest $(PYTEST_ARGS)
+
+# The cluster software the tests run for real (tests/slurm_cluster.py brings up a private SLURM
+# in a temp dir): installed when missing if we are root with apt-get (Debian/Ubuntu CI),
+# otherwise what to install is printed and the SLURM tests fail. Removing man-db's auto-update
+# flag skips its trigger (5 minutes on a fresh machine).
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+cluster-tools:
+	@PATH="$$PATH:/usr/sbin:/sbin"; \
+	missing=$$(for tool in slurmctld slurmd sbatch munged mungekey; do \
+	  command -v $$tool > /dev/null || echo $$tool; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+	  echo "cluster-tools: installing $(SLURM_PACKAGES)"; \
+	  rm -f /var/lib/man-db/auto-update; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $(SLURM_PACKAGES) > /dev/null || exit 1; \
+	else \
+	  echo "cluster-tools: missing" $$missing "- the SLURM tests will fail. Install (Debian/Ubuntu," \
+	    "as root): apt-get install --no-install-recommends $(SLURM_PACKAGES)" >&2; \
+	fi
 
 lint: install
 	$(VENV)/bin/ruff format --check .
@@ -57,6 +77,19 @@ bench: install
 	done; done
 	$(PY) -m capsdist.bench.report $(BENCH_OUT)/mnist-fp32.json $(BENCH_OUT)/mnist-bf16.json \
 	  $(BENCH_OUT)/cifar10-fp32.json $(BENCH_OUT)/cifar10-bf16.json
+
+# One command for a machine with one NVIDIA GPU (docs/gpu.md), <= 8 minutes, offline: the model
+# tests on the GPU against the fp64 CPU reference, bench model (MNIST, CIFAR-10; fp32, bf16) and
+# 4 minutes of Fashion-MNIST training + eval; gpu_check.json + gpu_check.md in $OUT (else
+# runs/gpu_check). Uses the machine's python3 (CUDA PyTorch), not ./.venv, and the wheels of
+# `make gpu-wheels`. GPU_CHECK_DRY=1: the same on the CPU, tiny (tests/integration/test_gpu_check_dry.py).
+gpu-check:
+	bash launch/gpu_check.sh
+
+# What gpu-check needs on a GPU machine with no registry: wheels (python 3.12) of the packages a
+# CUDA PyTorch image lacks, and Fashion-MNIST's IDX files, into .gpu_carry/ (~37 MB, ignored).
+gpu-wheels: install
+	$(PY) launch/gpu_wheels.py
 
 # Start training with any launcher; settings from the environment (see launch/launch.sh and
 # docs/launch.md), e.g. NPROC=2 CONFIG=configs/debug_cpu.yaml ARGS="data.root=..." make launch

@@ -8,8 +8,11 @@ figures. The one module that knows the file names, the checkpoint marker, the lo
       status.json            running | finished | stopped | failed, with the step (write_status)
       model.safetensors      exported fp32 weights + config YAML in the metadata (eval reads this)
       train.json, eval.json  the results of `capsdist train` / `capsdist eval`
-      checkpoints/stepNNNNNNNNN/   DeepSpeed's files, model.safetensors (consolidated fp32) and
-                                   capsdist.json, written LAST: the checkpoint is complete
+      checkpoints/stepNNNNNNNNN/   DeepSpeed's files, model.safetensors (consolidated fp32),
+                                   optimizer.safetensors (Adam's moments, consolidated fp32: a
+                                   run resumes from it on another world size, ZeRO stage or
+                                   precision) and capsdist.json (step, model, what wrote it,
+                                   the data position), written LAST: the checkpoint is complete
       checkpoints/latest     the newest complete tag, replaced atomically
 
 Every file is written atomically (temp file + rename): a crash mid-write leaves the old file,
@@ -43,8 +46,11 @@ from capsdist.errors import UserError
 
 CONFIG = "config.yaml"
 STATUS = "status.json"
+METRICS = "metrics.jsonl"  # one JSON object a line: training's log lines and validate's
 LOCK = ".lock"
 WEIGHTS = "model.safetensors"  # in run.dir (final) and in every checkpoint folder
+OPTIMIZER = "optimizer.safetensors"  # in every checkpoint folder: Adam's state, topology-free
+ADAM_STEP_KEY = "adam_step"  # its metadata key holding Adam's step count
 CHECKPOINTS = "checkpoints"
 MARKER = "capsdist.json"  # in a checkpoint folder: written last, marks it complete
 LATEST = "latest"
@@ -52,6 +58,9 @@ CONFIG_KEY = "capsdist_config"  # safetensors metadata key holding the config YA
 
 # How the model runs, not what it is: weights move freely between these settings.
 RUNTIME_MODEL_KEYS = ("compile", "channels_last", "fused_routing")
+# How the model trains, not what it is: another value is another run ("same run?"), but the
+# weights are the same model's ("same model?": eval, warm start, ensembles).
+TRAINING_ONLY_MODEL_KEYS = ("train_routing_iters",)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -125,6 +134,25 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         raise UnreadableWeightsError(f"{path} is not a readable safetensors file ({err})") from err
 
 
+def export_adam_state(moments: dict[str, torch.Tensor], adam_step: int, path: Path) -> None:
+    """Write Adam's moments (`exp_avg.NAME`, `exp_avg_sq.NAME`, full fp32 tensors) and its step
+    count as safetensors."""
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in moments.items()}
+    tmp = _tmp_beside(path)
+    save_file(tensors, str(tmp), metadata={ADAM_STEP_KEY: str(adam_step)})
+    os.replace(tmp, path)
+
+
+def load_adam_state(path: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """(moments, Adam's step count) written by export_adam_state; no pickle involved."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), int(metadata[ADAM_STEP_KEY])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise UnreadableWeightsError(f"{path} is not a readable Adam state ({err})") from err
+
+
 def saved_model_config(config_yaml: str) -> dict:
     """The `model` section of a config YAML stored with weights ({} if none was stored)."""
     return (yaml.safe_load(config_yaml or "{}") or {}).get("model", {})
@@ -155,14 +183,16 @@ def resolve_weights(ckpt: str) -> Path:
 
 def model_differences(saved: dict, current: ModelConfig | dict) -> list[str]:
     """The architecture settings in which a saved `model` config (a dict) and `current` differ,
-    runtime switches (RUNTIME_MODEL_KEYS) aside. A key the saved config lacks (written by an
-    older capsdist) counts as that key's default."""
+    runtime switches (RUNTIME_MODEL_KEYS) and training-only ones (TRAINING_ONLY_MODEL_KEYS)
+    aside. A key the saved config lacks (written by an older capsdist) counts as that key's
+    default."""
     defaults = asdict(ModelConfig())
     now = current if isinstance(current, dict) else asdict(current)
     return [
         f"model.{k}: {saved.get(k, defaults[k])!r} there, {now.get(k, defaults[k])!r} here"
         for k in defaults
-        if k not in RUNTIME_MODEL_KEYS and saved.get(k, defaults[k]) != now.get(k, defaults[k])
+        if k not in RUNTIME_MODEL_KEYS + TRAINING_ONLY_MODEL_KEYS
+        and saved.get(k, defaults[k]) != now.get(k, defaults[k])
     ]
 
 
@@ -184,13 +214,22 @@ def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def mark_complete(folder: Path, step: int, cfg: Config, keep_last: int) -> None:
-    """After every file of a checkpoint is written: its marker, then `latest`, then prune all
-    but the newest `keep_last` complete checkpoints."""
-    write_json_atomic(folder / MARKER, {"step": step, "model": asdict(cfg.model)})
+def mark_complete(
+    folder: Path, step: int, cfg: Config, keep_last: int, resume: dict | None = None
+) -> None:
+    """After every file of a checkpoint is written: its marker (with `resume`: what a resume
+    needs to know of the job that wrote it), then `latest`, then prune all but the newest
+    `keep_last` complete checkpoints."""
+    marker = {"step": step, "model": asdict(cfg.model), **({"resume": resume} if resume else {})}
+    write_json_atomic(folder / MARKER, marker)
     write_text_atomic(folder.parent / LATEST, folder.name)
     for _, old in complete_checkpoints(folder.parent)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_marker(folder: Path) -> dict:
+    """The marker (capsdist.json) of a complete checkpoint folder."""
+    return json.loads((folder / MARKER).read_text())
 
 
 def check_same_model(ckpt_dir: Path, model_cfg: ModelConfig) -> None:
@@ -211,12 +250,16 @@ def check_same_model(ckpt_dir: Path, model_cfg: ModelConfig) -> None:
 
 # Settings that change how a run is executed, logged or evaluated, never the weights it produces:
 # the jobs of one run may differ in these. Every other key (lr, seed, batch size, data, loss, the
-# architecture, ds.*) is part of what the run is. train.max_steps is checked on its own: raising it
-# continues the run. (data.num_workers and data.on_error may change the order or the set of
-# samples still to come, as a different number of ranks does, never what was trained so far.)
+# architecture, ds.gradient_clipping) is part of what the run is. train.max_steps is checked on
+# its own: raising it continues the run. The job's shape may change between jobs of a run: the
+# number of ranks, train.micro_batch_size, data.num_workers (a resume carries the data position
+# across them: train/data_position.py), ds.zero_stage and ds.precision (a resume reshards the
+# optimizer state: train/checkpoint.py), ds.extra (DeepSpeed's buckets, overlap, ...).
+# (data.on_error may change the set of samples still to come, never what was trained so far.)
 RUNTIME_KEYS = (
     "run.",
     "wandb.",
+    "ray.",
     "eval.",
     "validate.",
     "ckpt",
@@ -226,7 +269,15 @@ RUNTIME_KEYS = (
     "train.keep_last",
     "train.log_every",
     "train.eval_every",
+    "train.eval_every_s",
+    "train.eval_examples",
     "train.micro_batch_size",
+    "train.resume",
+    "train.init_from",
+    "train.init_strict",
+    "ds.zero_stage",
+    "ds.precision",
+    "ds.extra",
     "data.num_workers",
     "data.on_error",
     "data.eval_split",
@@ -262,10 +313,17 @@ def run_differences(saved_yaml: str, cfg: Config) -> list[str]:
 def check_resumable(run_dir: Path, cfg: Config) -> None:
     """Refuse, before anything in run.dir is written, a job that would make run.dir lie about
     its weights: another model's checkpoints, other settings than the run's own (finished or
-    not), or train.max_steps below the newest checkpoint. Nothing to refuse without one."""
+    not), or train.max_steps below the newest checkpoint; or any checkpoint at all under
+    train.resume=never. Nothing to refuse without one."""
     checkpoints = complete_checkpoints(run_dir / CHECKPOINTS)
     if not checkpoints:
         return
+    if cfg.train.resume == "never":
+        raise RunDirError(
+            f"run.dir {run_dir} holds a run (checkpoints up to step {checkpoints[-1][0]}) and "
+            "train.resume=never: use a new run.dir to start afresh, or train.resume=auto (or "
+            "weights_only) to continue it"
+        )
     check_same_model(run_dir / CHECKPOINTS, cfg.model)
     saved = run_dir / CONFIG
     diffs = run_differences(saved.read_text(), cfg) if saved.exists() else []
@@ -342,13 +400,14 @@ _REFUSED = {
 def storage_error(err: BaseException, run_dir: Path) -> RunDirError | None:
     """A one-line error for a write into run.dir that its file system refused (full, over
     quota, read-only), or None when `err` is something else. torch's checkpoint writer drops
-    ENOSPC's errno (a RuntimeError, "unexpected pos"), so any error while that file system has
-    no space left counts as a full disk too."""
+    ENOSPC's errno (a RuntimeError, "unexpected pos") and safetensors raises its own
+    SafetensorError, so any error while that file system has no space left counts as a full
+    disk too."""
     reason = next(
         (_REFUSED[e.errno] for e in _chain(err) if isinstance(e, OSError) and e.errno in _REFUSED),
         None,
     )
-    crashed = isinstance(err, (OSError, RuntimeError)) and not isinstance(err, UserError)
+    crashed = isinstance(err, Exception) and not isinstance(err, UserError)
     if reason is None and crashed and _free_bytes(run_dir) < 1 << 20:
         reason = _REFUSED[errno.ENOSPC]
     if reason is None:
@@ -409,3 +468,17 @@ def read_status(run_dir: Path) -> dict:
     """run.dir/status.json, or {} before training has written one."""
     status = run_dir / STATUS
     return json.loads(status.read_text()) if status.exists() else {}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The lines of run.dir/metrics.jsonl, oldest first ([] without the file); a line that does
+    not parse (cut short by a kill while it was written) is left out."""
+    path = run_dir / METRICS
+    lines = path.read_text().splitlines() if path.exists() else []
+    metrics = []
+    for line in lines:
+        try:
+            metrics.append(json.loads(line))
+        except ValueError:
+            continue
+    return [m for m in metrics if isinstance(m, dict)]

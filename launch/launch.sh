@@ -12,6 +12,9 @@
 #   HOSTFILE     DeepSpeed hostfile (LAUNCHER=deepspeed, multi-node)
 #   MAX_RESTARTS torchrun restarts of failed workers (default 3)
 #   RDZV_WAIT_S  how long a node > 0 waits for node 0 to answer (default 60)
+#   LAUNCHER=slurm also reads GPUS_PER_NODE, CPUS_PER_TASK, PARTITION, TIME_LIMIT, STOP_NOTICE_S,
+#                JOB_LOG, WAIT (see launch/slurm_submit.sh)
+#   RAY_ADDRESS  LAUNCHER=ray: the running Ray cluster to submit to (required when NNODES > 1)
 # On a machine without a GPU every launcher runs CPU processes with gloo. The config is loaded
 # once before any launcher starts: a bad key or value fails here, with exit 2, instead of in
 # every one of torchrun's MAX_RESTARTS restarts.
@@ -40,6 +43,12 @@ for name in NNODES NODE_RANK MASTER_PORT NPROC MAX_RESTARTS RDZV_WAIT_S; do
   [[ "${!name}" =~ ^[0-9]+$ ]] || die "$name=${!name} is not a whole number"
 done
 (( NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
+# LAUNCHER=ray: several nodes means a running Ray cluster. Without its address Ray would start on
+# this machine alone and wait forever for NNODES x NPROC workers.
+if [ "$LAUNCHER" = ray ] && (( NNODES > 1 )) && [ -z "${RAY_ADDRESS:-}" ]; then
+  die "LAUNCHER=ray with NNODES=$NNODES needs RAY_ADDRESS, the running cluster's head (e.g.\
+ RAY_ADDRESS=10.0.0.1:6379 after 'ray start --head' there; see docs/launch.md)"
+fi
 # Split ARGS with shlex (as a shell would) and load the config with them, exactly as
 # `capsdist train` will; print the overrides shell-quoted, for the `eval` below.
 QUOTED=$("$PY" - "$CONFIG" "${ARGS:-}" <<'EOF'
@@ -69,7 +78,8 @@ EOF
 ) || exit $?
 eval "OVERRIDES=($QUOTED)"  # safe: shlex.join quotes every word for a POSIX shell
 
-if (( GPUS == 0 )); then
+# (Not for LAUNCHER=slurm: the job runs on other machines; launch/slurm.sbatch decides there.)
+if (( GPUS == 0 )) && [ "$LAUNCHER" != slurm ]; then
   export DS_ACCELERATOR=cpu
   # One thread per rank, or the ranks fight over the cores (2.5x slower measured).
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
@@ -104,10 +114,14 @@ case "$LAUNCHER" in
     exec "$VENV/bin/deepspeed" "${HOSTS[@]}" --num_nodes "$NNODES" --num_gpus "$NPROC" \
       --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --module "${TRAIN[@]:1}" ;;
   slurm)
-    command -v sbatch > /dev/null || die "LAUNCHER=slurm needs sbatch (run this on a SLURM login node)"
-    exec sbatch --nodes "$NNODES" --ntasks-per-node "$NPROC" \
-      --export "ALL,CONFIG=$CONFIG,ARGS=${ARGS:-},MASTER_PORT=$MASTER_PORT" launch/slurm.sbatch ;;
+    # sbatch options, the log, WAIT: launch/slurm_submit.sh; the job itself: launch/slurm.sbatch.
+    # The overrides travel as the batch script's arguments, word for word (SLURM keeps them for
+    # a requeued job). MASTER_ADDR/MASTER_PORT: the job picks its own (a MASTER_PORT in the
+    # environment is kept).
+    NNODES=$NNODES NPROC=$NPROC GPUS_HERE=$GPUS VENV=$VENV \
+      exec bash launch/slurm_submit.sh -c "$CONFIG" "${OVERRIDES[@]}" ;;
   ray)
+    # One Ray Train worker per process: NNODES x NPROC in all, placed by ray.placement_strategy.
     exec "$PY" launch/ray_train.py --num-workers $(( NNODES * NPROC )) -c "$CONFIG" "${OVERRIDES[@]}" ;;
   *) die "LAUNCHER=$LAUNCHER: use torchrun, deepspeed, slurm or ray" ;;
 esac

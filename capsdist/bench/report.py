@@ -1,9 +1,10 @@
-"""Write `make bench` results: docs/bench.md (every run) and `## Performance` in docs/results.md.
+"""Write `make bench` results: `## Latest make bench` in docs/bench.md and `## Performance` in
+docs/results.md.
 
     python -m capsdist.bench.report RESULT.json [RESULT.json ...]
 
-Each RESULT.json holds the last stdout line of one `capsdist bench model` run. Only the
-`## Performance` section of docs/results.md is replaced (created if absent); the rest is kept.
+Each RESULT.json holds the last stdout line of one `capsdist bench model` run. Only those two
+sections are replaced (created if absent); the rest of both files is kept.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pathlib import Path
 
 HEADER = (
     "| config | precision | batch | device | threads | images/s | step ms | conv floor ms "
-    "| step / conv floor | plain images/s | speedup vs plain | peak mem MB | TFLOP/s | MFU |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    "| step / conv floor | plain images/s | speedup vs plain | peak mem MB | TFLOP/s | MFU "
+    "| MFU peaks (conv / capsules / decoder) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 )
 
 
@@ -24,12 +26,14 @@ def table(results: list[dict]) -> str:
     rows = []
     for r in results:
         c, plain = r["config"], r.get("plain", {})
+        peaks = r.get("mfu_precisions", {})
         rows.append(
             f"| {' '.join(c['files'] + c['overrides'])} | {c['precision']} | {c['batch_size']} "
             f"| {c['device']} | {c['threads']} | {r['images_per_s']} | {r['step_ms']} "
             f"| {r['conv_floor_ms']} | {r['step_over_conv_bound']} "
             f"| {plain.get('images_per_s', '–')} | {r.get('speedup_vs_plain', '–')} "
-            f"| {r['peak_mem_mb']} | {r['achieved_tflops']} | {r['mfu'] or '–'} |"
+            f"| {r['peak_mem_mb']} | {r['achieved_tflops']} | {r['mfu'] or '–'} "
+            f"| {' / '.join(peaks[k] for k in ('conv', 'capsules', 'decoder')) if peaks else '–'} |"
         )
     return HEADER + "\n".join(rows) + "\n"
 
@@ -52,7 +56,9 @@ def main(paths: list[str], docs: Path = Path("docs")) -> None:
         "CPU these figures are noisy: compare runs of the same table only.\n\n"
     )
     docs.mkdir(exist_ok=True)
-    (docs / "bench.md").write_text("# Benchmarks (`make bench`)\n\n" + note + rows)
+    bench_md = docs / "bench.md"
+    text = bench_md.read_text() if bench_md.exists() else "# Benchmarks (`make bench`)\n"
+    bench_md.write_text(replace_section(text, "Latest make bench", note + rows))
     results_md = docs / "results.md"
     text = results_md.read_text() if results_md.exists() else "# Results\n"
     results_md.write_text(replace_section(text, "Performance", note + rows))

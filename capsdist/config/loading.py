@@ -45,13 +45,15 @@ AS_WRITTEN = "_as_written"
 
 
 def valid_keys(node: DictConfig | None = None, prefix: str = "") -> list[str]:
-    """Every leaf key of the schema, dotted (e.g. `model.routing_iters`)."""
+    """Every leaf key of the schema, dotted (e.g. `model.routing_iters`). A free-form mapping
+    (`ds.extra`, whose keys DeepSpeed checks) is one leaf."""
     node = OmegaConf.structured(Config) if node is None else node
     keys = []
     for name in node:
         value = node[name]
         dotted = f"{prefix}{name}"
-        keys.extend(valid_keys(value, dotted + ".") if isinstance(value, DictConfig) else [dotted])
+        section = isinstance(value, DictConfig) and OmegaConf.get_type(value) not in (dict, None)
+        keys.extend(valid_keys(value, dotted + ".") if section else [dotted])
     return keys
 
 

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from capsdist.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
     """A configuration value or key is invalid; the message names the key."""
+
+
+RESUME_MODES = ("auto", "weights_only", "never")
+LR_SCHEDULES = ("reference", "onecycle", "cosine")
 
 
 def _at_least(section: object, prefix: str, low: int, *keys: str) -> None:
@@ -25,6 +30,11 @@ def _at_least(section: object, prefix: str, low: int, *keys: str) -> None:
 def _above(section: object, prefix: str, low: int, *keys: str) -> None:
     """Each of `keys` of `section` must be > low."""
     _check_bound(section, prefix, keys, f"> {low}", lambda value: value > low)
+
+
+def _fraction(section: object, prefix: str, *keys: str) -> None:
+    """Each of `keys` of `section` must lie in [0, 1]."""
+    _check_bound(section, prefix, keys, "in [0, 1]", lambda value: 0 <= value <= 1)
 
 
 def _check_bound(section: object, prefix: str, keys: tuple[str, ...], bound: str, holds) -> None:
@@ -55,6 +65,10 @@ class DataConfig:
     """Split used for evaluation and validation."""
     shift_pixels: int = 2
     """Random training translation, ±pixels per axis with zero fill (the reference's MNIST)."""
+    shift_until: float = 1.0
+    """Shift (data.shift_pixels) only during this first fraction of training, then train on
+    unshifted images; the fraction is the LR schedule's progress (step / train.max_steps, or of
+    the steps that fit in train.time_limit_s). 1 = the whole run (the reference)."""
     shuffle_buffer: int = 2000
     """Samples held in the in-memory shuffle buffer of each reader (0 or 1: no shuffling)."""
     num_workers: int = 0
@@ -78,6 +92,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _at_least(self, "data", 0, "shift_pixels", "shuffle_buffer", "num_workers", "brightness")
+        _fraction(self, "data", "shift_until")
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"data.on_error must be raise or skip, got {self.on_error!r}")
         low_high = (
@@ -113,6 +128,13 @@ class ModelConfig:
     """Pose dimensions of a class capsule."""
     routing_iters: int = 3
     """Routing-by-agreement iterations in the class-capsule layer (the reference's `routing`)."""
+    train_routing_iters: int = 0
+    """Routing iterations while training (evaluation always uses model.routing_iters); 0 = the
+    same as model.routing_iters. Fewer are cheaper per step; the weights are the same shape."""
+    primary_scaling: str = "reference"
+    """Primary capsules: `reference` scales the conv output by 1/num_prime_capsules before the
+    bias and squash (the reference code's one-iteration routing quirk); `paper` squashes the
+    conv output + bias as it is (the paper's "squash of a convolution")."""
     padding: str = "VALID"
     """Padding of conv1 and the primary-capsule conv: `VALID` or `SAME` (TensorFlow semantics)."""
     leaky_routing: bool = False
@@ -139,6 +161,11 @@ class ModelConfig:
             )
         if self.padding not in ("VALID", "SAME"):
             raise ConfigError(f"model.padding must be VALID or SAME, got {self.padding!r}")
+        if self.primary_scaling not in ("reference", "paper"):
+            raise ConfigError(
+                f"model.primary_scaling must be reference or paper, got {self.primary_scaling!r}"
+            )
+        _at_least(self, "model", 0, "train_routing_iters")
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ConfigError(f"model.image_shape must be [H, W, C], got {self.image_shape}")
         _at_least(self, "model", 2, "num_classes")  # fewer is no classification
@@ -188,31 +215,86 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps to train for (the reference's `max_steps`)."""
     time_limit_s: float = 0.0
-    """Stop cleanly after this many seconds of training (checkpoint + export); 0 = no limit."""
+    """Stop cleanly after this many seconds of training (checkpoint + export); 0 = no limit.
+    Checked at log and checkpoint steps only, on the main rank's clock, so the run stops within
+    `log_every` steps of it. Counted per job; in-loop evaluations (train.eval_every,
+    train.eval_every_s) are not training time. With train.lr_schedule=onecycle|cosine it also
+    sets where the schedule ends."""
     lr: float = 0.001
-    """Adam learning rate (the reference's `learning_rate`)."""
+    """Adam learning rate (the reference's `learning_rate`); the peak of the onecycle and cosine
+    schedules (train.lr_schedule)."""
     lr_decay_rate: float = 0.96
     """Exponential decay: lr * rate^(step / lr_decay_steps), continuous (the reference's)."""
     lr_decay_steps: int = 2000
     """Steps over which the learning rate decays by `lr_decay_rate`."""
     lr_min: float = 1e-6
     """Floor of the decayed learning rate."""
+    lr_schedule: str = "reference"
+    """`reference`: the exponential decay above (train.lr_decay_*). `onecycle`: warm up linearly
+    to train.lr, then down linearly to train.lr x lr_final_factor at the end. `cosine`: the same
+    warm-up, then a half cosine down to the same end. The end is train.max_steps, or with
+    train.time_limit_s > 0 the steps estimated to fit in it (re-estimated at log steps)."""
+    warmup_frac: float = 0.1
+    """onecycle / cosine: the fraction of training spent warming up, from train.lr x
+    lr_start_factor to train.lr (in [0, 1))."""
+    lr_start_factor: float = 0.04
+    """onecycle / cosine: the warm-up starts at train.lr x this (0.04 = 1/25, as torch's
+    OneCycleLR)."""
+    lr_final_factor: float = 0.01
+    """onecycle / cosine: the learning rate ends at train.lr x this."""
     checkpoint_every: int = 1500
     """Checkpoint every this many steps (the reference's `save_step`); 0 = only at the end."""
     keep_last: int = 3
     """Number of checkpoints kept in run.dir/checkpoints."""
     log_every: int = 10
-    """Write a metrics.jsonl / W&B line every this many steps."""
+    """Write a metrics.jsonl / W&B line every this many steps. The loop reads the device only at
+    log (and checkpoint) steps: the NaN check, time limit and stop signals are decided there."""
     eval_every: int = 0
     """Evaluate on data.eval_split every this many steps (a multiple of log_every) and at the
     end, on the main rank; 0 = off (use `capsdist validate` beside the run instead)."""
+    eval_every_s: float = 0.0
+    """Evaluate (as train.eval_every, on train.eval_examples) at the first log step after
+    every this many seconds of training, and at the end; each such line also logs
+    `train_time_s`. Training seconds exclude the in-loop evaluations (logged apart as
+    `eval_time_s`), for train.time_limit_s too. 0 = off."""
+    eval_examples: int = 0
+    """The in-loop evaluations (train.eval_every, train.eval_every_s) read the first this many
+    examples of data.eval_split; 0 = eval.max_examples. `capsdist eval` always reads
+    eval.max_examples, so a quick in-loop check does not shrink the final evaluation."""
+    resume: str = "auto"
+    """When run.dir holds checkpoints: `auto` continues from the newest one (weights, Adam
+    state, step, data position; also after a change of world size, ds.zero_stage or
+    ds.precision), `weights_only` continues at its step with its weights and a fresh Adam
+    state, `never` refuses to touch the run (an empty run.dir starts fresh)."""
+    init_from: str = ""
+    """Warm start: a `model.safetensors` (or a run directory: its exported weights) whose
+    weights a new run starts from, with a fresh optimizer at step 0; ignored when run.dir
+    already holds a checkpoint of its own to resume from."""
+    init_strict: bool = True
+    """With train.init_from: every weight must match the model (name and shape); false loads
+    the ones that do and lists the rest (e.g. the class capsules after a change of
+    model.num_classes), which keep their fresh initialisation."""
 
     def __post_init__(self) -> None:
+        if self.resume not in RESUME_MODES:
+            raise ConfigError(
+                f"train.resume must be one of {', '.join(RESUME_MODES)}, got {self.resume!r}"
+            )
         counts = ("batch_size", "max_steps", "lr_decay_steps", "log_every", "keep_last")
         _at_least(self, "train", 1, *counts)
         zero_allowed = ("micro_batch_size", "time_limit_s", "checkpoint_every")
         _at_least(self, "train", 0, *zero_allowed, "lr_min")
         _above(self, "train", 0, "lr", "lr_decay_rate")
+        _at_least(self, "train", 0, "eval_every_s")
+        _at_least(self, "train", 0, "eval_examples")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                f"got {self.lr_schedule!r}"
+            )
+        _fraction(self, "train", "lr_start_factor", "lr_final_factor")
+        if not (0 <= self.warmup_frac < 1):
+            raise ConfigError(f"train.warmup_frac must be in [0, 1), got {self.warmup_frac}")
         if self.eval_every < 0 or (self.eval_every and self.eval_every % self.log_every):
             raise ConfigError(
                 f"train.eval_every={self.eval_every} must be 0 or a multiple of "
@@ -257,8 +339,15 @@ class DeepSpeedConfig:
     """`fp32`, `bf16` or `fp16` (fp16 needs a GPU; routing overflows in fp16, bf16 works)."""
     gradient_clipping: float = 0.0
     """Clip the global gradient norm to this value; 0 = off (the reference does not clip)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More DeepSpeed config, merged into the one capsdist writes (run.dir/deepspeed_config.json)
+    and checked against DeepSpeed's own config classes before training, e.g.
+    `ds.extra.zero_optimization.overlap_comm=true`. What has a key of its own (batch sizes,
+    ds.precision, ds.zero_stage, ds.gradient_clipping, the optimizer) is refused here."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"ds.extra must be a mapping of DeepSpeed keys, got {self.extra!r}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"ds.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -282,6 +371,55 @@ class WandbConfig:
             raise ConfigError(f"wandb.mode must be offline, online or disabled, got {self.mode!r}")
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class RayConfig:
+    """How `LAUNCHER=ray` (launch/ray_train.py) runs the training loop in Ray Train workers; the
+    number of workers comes from the launcher (NNODES x NPROC)."""
+
+    gpus_per_worker: float = -1.0
+    """GPUs each Ray Train worker asks for: -1 = 1 when the Ray cluster has GPUs (its total, as
+    `ray.cluster_resources()` reports it, not the driver's), else 0; or 0 < x <= 1 (a fraction
+    shares a GPU between workers). One worker never drives more than one GPU."""
+    cpus_per_worker: float = 1.0
+    """CPUs each Ray Train worker asks for (fractional allowed)."""
+    max_failures: int = 3
+    """Ray Train restarts the whole worker group up to this many times after a worker dies or
+    fails (FailureConfig); the run resumes from its last reported checkpoint. 0 = never."""
+    storage_path: str = ""
+    """Where Ray Train keeps its state and the reported checkpoints (a copy of every complete
+    run.dir checkpoint), under `<storage_path>/<run.dir's name>`: a folder every node sees, or a
+    URL such as `s3://bucket/prefix` (endpoint and credentials from the usual AWS_* variables,
+    AWS_ENDPOINT_URL included). Empty = run.dir/ray (one node, or run.dir on shared storage).
+    `capsdist sweep` keeps Tune's state under `<storage_path>/<sweep name>` by the same rule."""
+    placement_strategy: str = "PACK"
+    """How Ray places the workers on nodes: PACK (fill few nodes), SPREAD (over as many as
+    possible), STRICT_SPREAD (one per node, or wait), STRICT_PACK (all on one node)."""
+
+    def __post_init__(self) -> None:
+        gpus = self.gpus_per_worker
+        if not (gpus == -1 or (math.isfinite(gpus) and 0 <= gpus <= 1)):
+            raise ConfigError(
+                f"ray.gpus_per_worker must be -1 (auto) or between 0 and 1, got {gpus}: "
+                "a worker trains on one GPU (start more workers for more GPUs)"
+            )
+        _above(self, "ray", 0, "cpus_per_worker")
+        _at_least(self, "ray", 0, "max_failures")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(
+                f"ray.placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                f"got {self.placement_strategy!r}"
+            )
+        scheme, sep, rest = self.storage_path.partition("://")
+        if sep and (not scheme or not rest.strip("/")):
+            raise ConfigError(
+                f"ray.storage_path={self.storage_path!r} names no location: use e.g. "
+                "s3://bucket/prefix or a folder every node sees"
+            )
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -293,6 +431,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ds: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     seed: int = 0
     """Seed of weights, data order and augmentation."""
     ckpt: str = ""

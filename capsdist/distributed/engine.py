@@ -1,6 +1,6 @@
 """DeepSpeed from outside the model: the batch layout and the DeepSpeed config (each computed once
 per run, in this module only), the process group, and the engine with the reference's optimiser
-and learning-rate schedule."""
+and learning-rate schedule (or a budget schedule: schedules.py, train.lr_schedule)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 
 from capsdist.config.schema import Config, ConfigError, TrainConfig
+from capsdist.distributed.ds_extra import merge_extra
 from capsdist.distributed.env import DistEnv, export_rendezvous, pick_device
+from capsdist.distributed.schedules import BudgetSchedule
 from capsdist.extensions import build_lock
 
 
@@ -42,8 +44,9 @@ class BatchLayout:
 
 def build_deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
     """Everything DeepSpeed needs; the optimiser and LR schedule are passed as objects (the
-    reference's Adam + exponential decay), so none are declared here."""
-    return {
+    reference's Adam + exponential decay), so none are declared here. `ds.extra` is merged in
+    and checked by DeepSpeed's config classes (ConfigError naming the key if it refuses it)."""
+    generated = {
         "train_batch_size": cfg.train.batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.accumulation,
@@ -56,6 +59,18 @@ def build_deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
         "steps_per_print": 2**31 - 1,  # our progress bar reports; silence DeepSpeed's own
         "wall_clock_breakdown": False,
     }
+    if cfg.ds.gradient_clipping == 0:
+        # Without clipping these only serve checks that read a device flag on every step (a
+        # host sync; measured under ZeRO-1/2 with a read counter): the loop's own NaN check at
+        # log steps replaces them. ds.extra can turn either back on.
+        if cfg.ds.zero_stage in (1, 2):
+            generated["zero_optimization"]["compute_grad_norm"] = False
+        if cfg.ds.precision == "bf16":
+            generated["bf16"]["check_grad_overflow"] = False
+    if not cfg.ds.extra:
+        return generated
+    import_deepspeed()
+    return merge_extra(generated, cfg.ds.extra)
 
 
 @dataclass
@@ -75,6 +90,14 @@ class ReferenceDecay:
 
     def __call__(self, step: int) -> float:
         return max(self.rate ** (step / self.decay_steps), self.floor_factor)
+
+
+def build_lr_factor(train: TrainConfig) -> ReferenceDecay | BudgetSchedule:
+    """The factor on train.lr at each step that train.lr_schedule names (a picklable callable
+    for LambdaLR: its fields are saved with DeepSpeed's checkpoints)."""
+    if train.lr_schedule == "reference":
+        return ReferenceDecay.from_config(train)
+    return BudgetSchedule.from_config(train)
 
 
 def import_deepspeed():
@@ -147,16 +170,12 @@ def leave_process_group() -> None:
 
 def build_engine(model: torch.nn.Module, cfg: Config, env: DistEnv, ds_config: dict):
     """The DeepSpeed engine around `model` (DeepSpeed config `ds_config`, from
-    `build_deepspeed_config`), with the reference's Adam and learning-rate decay."""
+    `build_deepspeed_config`), with the reference's Adam and train.lr_schedule's learning
+    rate (the reference's decay by default)."""
     if cfg.ds.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("ds.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16)")
-    if cfg.ds.precision != "fp32" and cfg.ds.zero_stage == 0:
-        # Without ZeRO, DeepSpeed keeps the fp32 master weights in one flat buffer with no
-        # per-parameter view, so the checkpoint's fp32 export cannot be made: refuse before
-        # training rather than at the first checkpoint (issue 15 lifts this).
         raise ConfigError(
-            f"ds.precision={cfg.ds.precision} needs ds.zero_stage=1 or 2 for now: with ZeRO-0 the "
-            "fp32 master weights cannot be exported at a checkpoint"
+            "ds.precision=fp16 needs a GPU: DeepSpeed's CPU accelerator has no fp16; use "
+            "ds.precision=bf16 or fp32 on CPU"
         )
     deepspeed = import_deepspeed()
     if torch.cuda.is_available():
@@ -165,13 +184,21 @@ def build_engine(model: torch.nn.Module, cfg: Config, env: DistEnv, ds_config: d
     # fused kernel does the same maths in one pass: ~96 ms instead of ~282 ms per step for the
     # 8.2 M-parameter MNIST model on 2 CPU cores (capsdist bench model).
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=1e-8, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda=ReferenceDecay.from_config(cfg.train)
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=ds_config,
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=build_lr_factor(cfg.train))
+    try:
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config,
+        )
+    except (AssertionError, ValueError, NotImplementedError) as err:
+        if not cfg.ds.extra:
+            raise
+        # Some combinations only fail when the engine is built (e.g. bf16 with fp32 gradient
+        # accumulation under ZeRO-0): name the keys the user added.
+        raise ConfigError(
+            f"DeepSpeed cannot train with ds.extra={cfg.ds.extra} (ds.zero_stage="
+            f"{cfg.ds.zero_stage}, ds.precision={cfg.ds.precision}): {err}"
+        ) from err
     return engine

@@ -18,7 +18,12 @@ import torch
 from capsdist.config import Config, config_to_dict
 from capsdist.data import read_meta
 from capsdist.distributed import pick_device
-from capsdist.eval.evaluate import build_eval_reader, load_model, no_examples_error
+from capsdist.eval.evaluate import (
+    build_eval_reader,
+    load_model,
+    log_eval_to_wandb,
+    no_examples_error,
+)
 from capsdist.models import ModelOutput, num_correct
 from capsdist.run_dir import (
     WEIGHTS,
@@ -30,7 +35,7 @@ from capsdist.run_dir import (
     write_json_atomic,
     write_text_atomic,
 )
-from capsdist.track import ProgressBar, build_wandb_sink
+from capsdist.track import ProgressBar
 
 
 def resolve_members(checkpoints: list[str], num_trials: int = 0) -> list[Path]:
@@ -165,16 +170,11 @@ def run_ensemble_eval(
 
 
 def _log_to_wandb(cfg: Config, out_dir: Path, result: dict) -> None:
-    """An `ensemble` run whose table lists every member and the ensemble."""
+    """An `eval` run tagged `ensemble` whose table lists every member and the ensemble."""
     cfg.wandb.group = cfg.wandb.group or f"ensemble-{out_dir.parent.name}"
     cfg.wandb.tags = [*cfg.wandb.tags, "ensemble"]
-    sink = build_wandb_sink(out_dir, cfg.wandb, config_to_dict(cfg), job_type="ensemble")
-    if sink is None:
-        return
-    try:
-        rows = [[m, a] for m, a in zip(result["members"], result["member_accuracies"], strict=True)]
-        rows.append([f"ensemble of {len(rows)}", result["ensemble_accuracy"]])
-        sink.log_table("ensemble/accuracy", ["model", "accuracy"], rows)
-        sink.summary({k: v for k, v in result.items() if k not in ("members", "member_accuracies")})
-    finally:
-        sink.close()
+    rows = [[m, a] for m, a in zip(result["members"], result["member_accuracies"], strict=True)]
+    rows.append([f"ensemble of {len(rows)}", result["ensemble_accuracy"]])
+    summary = {k: v for k, v in result.items() if k not in ("members", "member_accuracies")}
+    table = ("ensemble/accuracy", ["model", "accuracy"], rows)
+    log_eval_to_wandb(cfg, out_dir, summary, table)

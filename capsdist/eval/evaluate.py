@@ -23,7 +23,7 @@ from capsdist.run_dir import (
     saved_model_config,
     write_json_atomic,
 )
-from capsdist.track import ProgressBar
+from capsdist.track import ProgressBar, build_wandb_sink
 
 
 def load_model(weights: Path, cfg: Config, device: torch.device) -> torch.nn.Module:
@@ -83,18 +83,22 @@ def no_examples_error(reader: ShardReader) -> DataError:
 
 
 def build_eval_reader(
-    cfg: Config, meta: dict, device: torch.device, root: str | Path | None = None
+    cfg: Config,
+    meta: dict,
+    device: torch.device,
+    root: str | Path | None = None,
+    max_examples: int | None = None,
 ) -> ShardReader:
     """The whole evaluation split of data.root (or `root`, whose meta.json `meta` is), or its
-    first eval.max_examples, fixed order, on `device`; centre-cropped / standardised as cfg.data
-    asks."""
+    first `max_examples` (default eval.max_examples), fixed order, on `device`; centre-cropped /
+    standardised as cfg.data asks."""
     return build_reader(
         cfg,
         cfg.data.eval_split,
         meta,
         train=False,
         batch_size=cfg.eval.batch_size,
-        max_examples=cfg.eval.max_examples,
+        max_examples=cfg.eval.max_examples if max_examples is None else max_examples,
         device=device,
         root=root,
     )
@@ -127,7 +131,27 @@ def run_eval(cfg: Config) -> dict:
     if extra:
         result["extra_eval"] = extra
     _write_eval_json(weights.parent / "eval.json", {**result, "config": config_to_dict(cfg)})
+    log_eval_to_wandb(cfg, weights.parent, result)
     return result
+
+
+def log_eval_to_wandb(cfg: Config, where: Path, result: dict, table: tuple = ()) -> None:
+    """A W&B run of job_type `eval` in `where` (wandb.mode=disabled: none) holding `result` as
+    its summary, and `table` ((key, columns, rows)) if given. Scores of weights in a read-only
+    place still reach stdout: W&B is skipped there, with a warning."""
+    try:
+        sink = build_wandb_sink(where, cfg.wandb, config_to_dict(cfg), job_type="eval")
+    except OSError as err:
+        print(f"warning: no W&B run for this evaluation ({where}: {err})", file=sys.stderr)
+        return
+    if sink is None:
+        return
+    try:
+        if table:
+            sink.log_table(*table)
+        sink.summary(result)
+    finally:
+        sink.close()
 
 
 def _write_eval_json(path: Path, record: dict) -> None:

@@ -30,7 +30,9 @@ from capsdist.run_dir import (
     read_status,
     write_json_atomic,
 )
-from capsdist.track import JsonlSink, build_wandb_sink
+from capsdist.track import JsonlSink, build_wandb_sink, log_model_artifact
+
+BEST = "best.safetensors"  # in run.dir: the weights of the best checkpoint so far
 
 
 def run_validate(cfg: Config) -> dict:
@@ -60,7 +62,7 @@ def run_validate(cfg: Config) -> dict:
                     continue
                 record["evaluated"][str(step)] = scores
                 if scores["accuracy"] > record.get("best_accuracy", -1.0):
-                    copy_file_atomic(folder / WEIGHTS, run_dir / "best.safetensors")
+                    copy_file_atomic(folder / WEIGHTS, run_dir / BEST)
                     record.update(best_step=step, best_accuracy=scores["accuracy"])
                 write_json_atomic(record_path, record)
                 metrics = {
@@ -78,6 +80,7 @@ def run_validate(cfg: Config) -> dict:
                 warnings.warn(f"no new checkpoint in {ckpt_dir} for {waited:.0f} s", stacklevel=1)
                 break
             time.sleep(cfg.validate.poll_s)
+        _log_best(sinks, run_dir, record, cfg)
     finally:
         for sink in sinks:
             sink.close()
@@ -91,6 +94,21 @@ def run_validate(cfg: Config) -> dict:
         "training": status.get("state", "not started"),
         "run_dir": str(run_dir),
     }
+
+
+def _log_best(sinks: list, run_dir: Path, record: dict, cfg: Config) -> None:
+    """best.safetensors as a version of the run's W&B model artifact, alias `best`, once the
+    run is followed to its end (an interrupted validate logs it when rerun)."""
+    if "best_step" not in record:
+        return
+    metadata = {
+        "step": record["best_step"],
+        "accuracy": record["best_accuracy"],
+        "split": cfg.data.eval_split,
+        "config": config_to_dict(cfg),
+    }
+    aliases = ["best", f"step-{record['best_step']}"]
+    log_model_artifact(sinks, run_dir / BEST, run_dir, aliases, metadata)
 
 
 def _evaluate_checkpoint(folder: Path, cfg: Config, device, reader, step: int) -> dict | None:

@@ -29,7 +29,8 @@ class PrimaryCapsules(nn.Module):
 
     The reference runs its routing function here with one iteration and a single input capsule,
     so every vote is scaled by softmax(zeros over the types) = 1/types (1/(types+1) when leaky)
-    before the bias [types, Din] is added. We keep that quirk for fidelity.
+    before the bias [types, Din] is added. We keep that quirk for fidelity (model.primary_scaling
+    = reference); `paper` squashes conv + bias unscaled, as the paper describes the layer.
     """
 
     def __init__(self, in_ch: int, cfg: ModelConfig, in_hw: tuple[int, int]):
@@ -39,7 +40,8 @@ class PrimaryCapsules(nn.Module):
             in_ch, self.types * self.dim, cfg.primary_kernel, 2, cfg.padding, in_hw, bias=False
         )
         self.bias = nn.Parameter(torch.empty(self.types, self.dim))
-        self.vote_scale = 1.0 / (self.types + 1 if cfg.leaky_routing else self.types)
+        reference_scale = 1.0 / (self.types + 1 if cfg.leaky_routing else self.types)
+        self.vote_scale = reference_scale if cfg.primary_scaling == "reference" else 1.0
         self.out_hw = self.conv.out_hw
 
     def num_capsules(self) -> int:
@@ -55,11 +57,13 @@ class PrimaryCapsules(nn.Module):
 
 
 class ClassCapsules(nn.Module):
-    """Fully connected capsules: W_ij (Din → Dout) for every input i and class j, then routing."""
+    """Fully connected capsules: W_ij (Din → Dout) for every input i and class j, then routing
+    (model.train_routing_iters iterations in training mode when set, else model.routing_iters)."""
 
     def __init__(self, num_inputs: int, cfg: ModelConfig):
         super().__init__()
         self.num_classes, self.dim = cfg.num_classes, cfg.class_dim
+        self.train_iters = cfg.train_routing_iters or cfg.routing_iters
         self.iters, self.leaky, self.detach, self.fused = (
             cfg.routing_iters,
             cfg.leaky_routing,
@@ -74,8 +78,9 @@ class ClassCapsules(nn.Module):
 
     def forward(self, u_bid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(v_bjd, c_bij); the (B, I, J, D) votes exist only inside routing (see routing.py)."""
+        iters = self.train_iters if self.training else self.iters
         return route_capsules(
-            u_bid, self.weight, self.bias, self.iters, self.leaky, self.detach, self.fused
+            u_bid, self.weight, self.bias, iters, self.leaky, self.detach, self.fused
         )
 
 

@@ -123,15 +123,16 @@ class PlainCapsNet(nn.Module):
         types, din = cfg.num_prime_capsules, cfg.prime_dim
         x = x.reshape(b, types, din, gh, gw).permute(0, 1, 3, 4, 2)  # (B, types, H, W, Din)
         # The reference's quirk: its primary layer routes one iteration, scaling every vote by
-        # softmax(zeros over the types) before the bias.
+        # softmax(zeros over the types) before the bias (model.primary_scaling=paper: unscaled).
         share = 1.0 / (types + 1 if cfg.leaky_routing else types)
+        share = share if cfg.primary_scaling == "reference" else 1.0
         u = plain_squash(x * share + self.primary.bias[:, None, None, :]).reshape(b, -1, din)
         j, d = cfg.num_classes, cfg.class_dim
         w_ikjd = self.classes.weight.view(self.num_inputs, din, j, d)
         votes = torch.einsum("bik,ikjd->bijd", u, w_ikjd)  # (B, I, J, D) û_{j|i} = W_ij u_i
-        v, c = plain_routing(
-            votes, self.classes.bias, cfg.routing_iters, cfg.leaky_routing, cfg.routing_detach
-        )
+        iters = cfg.routing_iters
+        iters = (cfg.train_routing_iters or iters) if self.training else iters
+        v, c = plain_routing(votes, self.classes.bias, iters, cfg.leaky_routing, cfg.routing_detach)
         lengths = torch.sqrt((v * v).sum(-1) + EPS)  # (B, J)
         recon = None
         if self.decoder is not None:

@@ -7,6 +7,17 @@ from capsdist.track.sinks import (
     WandbSink,
     build_wandb_sink,
     log_images,
+    log_model_artifact,
+    model_artifact_name,
 )
 
-__all__ = ["JsonlSink", "MetricSink", "ProgressBar", "WandbSink", "build_wandb_sink", "log_images"]
+__all__ = [
+    "JsonlSink",
+    "MetricSink",
+    "ProgressBar",
+    "WandbSink",
+    "build_wandb_sink",
+    "log_images",
+    "log_model_artifact",
+    "model_artifact_name",
+]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
 import time
 import uuid
@@ -106,8 +108,49 @@ class WandbSink:
     def summary(self, values: dict) -> None:
         self._run.summary.update(values)
 
+    def log_model(self, path: Path, name: str, aliases: list[str], metadata: dict) -> None:
+        """Exported weights as a W&B model artifact `name` (one per run directory: the final
+        weights and validate's best are versions of it, told apart by their aliases), with
+        `metadata` (config, step, accuracy). Offline, W&B keeps a copy under
+        $WANDB_DATA_DIR/artifacts/staging (default ~/.local/share/wandb) until `wandb sync`
+        uploads it. A failure to log costs the artifact, not the job that made the weights."""
+        import wandb
+
+        try:
+            artifact = wandb.Artifact(name, type="model", metadata=_json_finite(metadata))
+            artifact.add_file(str(path), name=path.name)
+            self._run.log_artifact(artifact, aliases=aliases)
+        except (OSError, ValueError, wandb.Error) as err:
+            print(f"warning: W&B model artifact {name} not logged: {err}", file=sys.stderr)
+
     def close(self) -> None:
         self._run.finish()
+
+
+def log_model_artifact(
+    sinks: list, path: Path, run_dir: Path, aliases: list[str], metadata: dict
+) -> None:
+    """Log exported weights as run_dir's model artifact through the W&B sink among `sinks`, if
+    there is one (wandb.mode=disabled: none)."""
+    for sink in sinks:
+        if isinstance(sink, WandbSink):
+            sink.log_model(path, model_artifact_name(run_dir), aliases, metadata)
+
+
+def model_artifact_name(run_dir: Path) -> str:
+    """The W&B artifact name of a run directory's weights: letters, digits, `-`, `_`, `.`."""
+    return "model-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", run_dir.resolve().name) or "run")
+
+
+def _json_finite(value):
+    """`value` with NaN / inf floats as None: W&B metadata is JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_finite(v) for v in value]
+    return value
 
 
 def build_wandb_sink(
@@ -179,6 +222,13 @@ class ProgressBar:
         if self._total and rate > 0:
             words.append(f"ETA {tqdm.format_interval((self._total - self._n) / rate)}")
         print(" ".join(words), file=sys.stderr, flush=True)
+
+    def set_total(self, total: int) -> None:
+        """A new expected end (a time budget's, re-estimated as the steps per second settle)."""
+        self._total = total
+        if not self._plain:
+            self._bar.total = total
+            self._bar.refresh()
 
     def close(self) -> None:
         if not self._plain:

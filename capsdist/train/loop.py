@@ -30,7 +30,6 @@ from capsdist.distributed import (
     BatchLayout,
     DistEnv,
     build_deepspeed_config,
-    build_engine,
     init_process_group,
     keep_freed_memory,
     leave_process_group,
@@ -38,7 +37,6 @@ from capsdist.distributed import (
 )
 from capsdist.errors import UserError
 from capsdist.eval import build_eval_reader, evaluate
-from capsdist.models import build_model
 from capsdist.run_dir import (
     CHECKPOINTS,
     STATUS,
@@ -57,12 +55,20 @@ from capsdist.run_dir import (
     write_json_atomic,
     write_status,
 )
-from capsdist.track import JsonlSink, MetricSink, ProgressBar, build_wandb_sink
-from capsdist.train.checkpoint import load_latest, save_checkpoint
+from capsdist.track import (
+    JsonlSink,
+    MetricSink,
+    ProgressBar,
+    build_wandb_sink,
+    log_model_artifact,
+)
+from capsdist.train.checkpoint import save_checkpoint
+from capsdist.train.data_position import DataPosition, Streams, rank_batches
+from capsdist.train.pacing import Pacer
+from capsdist.train.start import build_start
 from capsdist.train.step import (
+    Tally,
     WindowStats,
-    any_rank,
-    max_over_ranks,
     replica_report,
     sum_over_ranks,
     train_step,
@@ -70,6 +76,8 @@ from capsdist.train.step import (
 
 # Called with (step, metrics, model) after every log line, on the main rank only unless marked
 # with `on_every_rank`: Ray Tune reports this way, and figures are drawn from the live model.
+# A callback may also have an `on_checkpoint(step, folder)` method, called (on the same ranks)
+# once the checkpoint of `step` is complete on every rank: Ray Train checkpoints are reported so.
 Callback = Callable[[int, dict[str, float], torch.nn.Module], None]
 
 
@@ -85,11 +93,14 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 
 class StopSignals:
-    """SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 ask the loop to stop after the current step, with a
-    checkpoint and the exported weights, instead of killing the job: a scheduler's notice (SLURM
+    """SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 ask the loop to stop, with a checkpoint and the
+    exported weights, instead of killing the job: a scheduler's notice (SLURM
     `--signal=USR1@120`; SIGTERM on scancel or preemption, 30 s before SIGKILL by default) costs
-    no finished step. A second Ctrl-C raises KeyboardInterrupt at once. Python sets handlers in
-    the main thread only: elsewhere (Ray Tune runs a trial in a thread) signals keep theirs."""
+    no finished step. The ranks agree on stopping at the next log or checkpoint step (within
+    train.log_every steps; no per-step collective), so a signal that reaches one rank only
+    stops them all at the same step. A second Ctrl-C raises KeyboardInterrupt at once. Python
+    sets handlers in the main thread only: elsewhere (Ray Tune runs a trial in a thread)
+    signals keep theirs."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -138,6 +149,12 @@ class Trainer:
     sinks: list[MetricSink] = field(default_factory=list)
     callbacks: Sequence[Callback] = ()
     bar: ProgressBar | None = None
+    position: DataPosition | None = None
+    """Where this job's ranks read their data from (train/data_position.py)."""
+    streams: Streams | None = None
+    """This rank's readers: its own, and those rebuilding an old layout's streams."""
+    pacer: Pacer | None = None
+    """The training clock, the evaluations it asks for, the schedule's horizon (pacing.py)."""
 
     @property
     def ckpt_dir(self) -> Path:
@@ -206,28 +223,35 @@ def build_trainer(
         world_size=env.world_size,
         device=device,
     )
-    eval_reader = build_eval_reader(cfg, meta, device) if cfg.train.eval_every else None
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    engine = build_engine(build_model(cfg.model), cfg, env, ds_config)
-    resumed = load_latest(engine, run_dir / CHECKPOINTS)
-    start_step = resumed[0] if resumed else 0
+    evaluates = cfg.train.eval_every or cfg.train.eval_every_s
+    in_loop_examples = cfg.train.eval_examples or cfg.eval.max_examples
+    eval_reader = (
+        build_eval_reader(cfg, meta, device, max_examples=in_loop_examples) if evaluates else None
+    )
+    start = build_start(cfg, env, meta, layout, ds_config, reader)  # resume or warm start
+    start_step = start.step
     t = Trainer(
         cfg,
         env,
-        engine,
+        start.engine,
         reader,
         eval_reader,
         layout.accumulation,
         start_step,
         stop,
         callbacks=callbacks,
+        position=start.position,
+        streams=start.streams,
     )
+    # After the resume: the horizon it carried sets the budget schedule's learning rate.
+    scheduler, set_shift = t.engine.lr_scheduler, t.streams.set_shift_pixels
+    t.pacer = Pacer(cfg, start_step, start.pacing, scheduler, set_shift)
     if env.is_main:
         print(config_to_yaml(cfg), file=sys.stderr, flush=True)  # the resolved config, once
         write_config(run_dir, cfg)
         write_json_atomic(run_dir / "deepspeed_config.json", ds_config)
-        if resumed:
-            print(f"resumed from {t.ckpt_dir} at step {start_step}", flush=True)
+        for line in start.notes:  # "resumed from … at step 20: world 2→1, ZeRO 1→2", …
+            print(line, flush=True)
         write_status(run_dir, "running", start_step)
         t.sinks.append(JsonlSink(run_dir / "metrics.jsonl", resumed_at=start_step))
         config_dict = {**config_to_dict(cfg), "deepspeed": ds_config}
@@ -239,44 +263,64 @@ def build_trainer(
 
 def train_loop(t: Trainer) -> dict:
     """Steps from t.start_step to train.max_steps; stops early (cleanly) at train.time_limit_s or
-    on a stop signal received by any rank, after the step in progress."""
+    on a stop signal received by any rank.
+
+    Nothing is read back from the device between sync steps (log steps, checkpoint steps and
+    the last one): loss and accuracy add up on the device, so a GPU never waits for the host
+    (under ZeRO-1/2 DeepSpeed itself still reads its gradient-norm check: docs/gpu.md).
+    At a sync step every rank reads its window and casts its stop votes in one all-reduce
+    (`sync_ranks`): a NaN loss is found there, before a checkpoint could save it, and a time
+    limit (on the main rank's training clock) or a stop signal (on any rank) ends the run there,
+    within train.log_every steps. The same all-reduce brings the main rank's clock to every
+    rank, so they agree on what follows from it (evaluations by train.eval_every_s, the budget
+    schedule's horizon, data.shift_until: pacing.py) without a collective of their own.
+    """
     cfg, engine = t.cfg, t.engine
-    batches = t.reader.batches(start=t.start_step * t.accumulation)
+    batches = rank_batches(t.position, t.start_step, t.env.rank, cfg.train.batch_size, t.streams)
     window = WindowStats()
-    started = time.monotonic()
+    pacer = t.pacer
+    pacer.start()
     metrics: dict[str, float] = {}
-    step, stop = t.start_step, 0
+    step = checked = t.start_step
+    stop = 0
     while step < cfg.train.max_steps:
         for _ in range(t.accumulation):
             batch = next(batches)
             loss, correct = train_step(engine, batch, cfg.loss)
-            window.add(loss, correct, batch.images.shape[0])
+            window.add(loss, correct, batch.images.shape[0])  # on the device: no host sync
         step += 1
-        if any_rank(not math.isfinite(float(loss))):
-            raise NonFiniteLossError(
-                f"loss is {float(loss)} at step {step}; the last good checkpoint in "
-                f"{t.ckpt_dir} is kept: lower train.lr or use ds.precision=fp32/bf16, then rerun"
-            )
-        elapsed = time.monotonic() - started
-        images_per_s = (step - t.start_step) * cfg.train.batch_size / max(elapsed, 1e-9)
-        out_of_time = cfg.train.time_limit_s > 0 and elapsed >= cfg.train.time_limit_s
-        # Every rank stops at the same step: one collective, as for the time limit alone (the
-        # largest over ranks of 1 for out of time, or a stop signal's number, 2 or more).
-        if step < cfg.train.max_steps:
-            stop = max_over_ranks(t.stop.signum or int(out_of_time))
+        log_step = step % cfg.train.log_every == 0 or step == cfg.train.max_steps
+        checkpoint_step = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+        if log_step or checkpoint_step:
+            # The main rank's clock decides, and reaches every rank in the sync (pacing.py).
+            clock = pacer.job_seconds() if t.env.is_main else 0.0
+            out_of_time = 0 < cfg.train.time_limit_s <= clock
+            sync = (checked, step)
+            tally, stop = sync_ranks(t, window, out_of_time, sync, reset=log_step, clock=clock)
+            pacer.synced(step, tally.shared[0])
+            checked = step
+            if t.bar and cfg.train.time_limit_s > 0:  # the ETA of the time budget, not max_steps
+                t.bar.set_total(round(pacer.total_steps))
+        if step == cfg.train.max_steps:
+            stop = 0  # finished: a stop asked for during the last step changes nothing
         last = step == cfg.train.max_steps or stop > 0
-        if step % cfg.train.log_every == 0 or last:
-            metrics = log_metrics(t, step, window, images_per_s, last)
+        if log_step or last:
+            # After the sync, so the device has finished every step counted.
+            elapsed = pacer.job_seconds()
+            images_per_s = (step - t.start_step) * cfg.train.batch_size / max(elapsed, 1e-9)
+            metrics = log_metrics(t, step, tally, images_per_s, last)
         if t.bar:
-            t.bar.update(
-                1,
-                loss=f"{float(loss):.4f}",
-                acc=f"{metrics.get('train_accuracy', float('nan')):.3f}",
-                img_s=f"{images_per_s:.0f}",
-            )
+            t.bar.update(1, **(_progress_fields(metrics) if log_step or last else {}))
         every = cfg.train.checkpoint_every
         if last or (every and step % every == 0):
-            save_checkpoint(engine, t.ckpt_dir, step, cfg, t.env)
+            folder = save_checkpoint(
+                engine, t.ckpt_dir, step, cfg, t.env, t.position, pacing=pacer.state(step)
+            )
+            for callback in t.callbacks:
+                if hasattr(callback, "on_checkpoint") and (
+                    t.env.is_main or getattr(callback, "every_rank", False)
+                ):
+                    callback.on_checkpoint(step, folder)
         if last:
             break
     if step == t.start_step:  # resumed a run that had already reached max_steps
@@ -286,6 +330,7 @@ def train_loop(t: Trainer) -> dict:
         "loss": metrics["loss"],
         "train_accuracy": metrics["train_accuracy"],
         "images_per_s": metrics["images_per_s"],
+        "train_time_s": pacer.train_time_s,
         "run_dir": str(cfg.run.dir),
         **{k: v for k, v in metrics.items() if k.startswith("eval_")},
         **({"stopped": signal.Signals(stop).name} if stop > 1 else {}),
@@ -293,27 +338,70 @@ def train_loop(t: Trainer) -> dict:
 
 
 def log_metrics(
-    t: Trainer, step: int, window: WindowStats, images_per_s: float, last: bool
+    t: Trainer, step: int, tally: Tally, images_per_s: float, last: bool
 ) -> dict[str, float]:
     """The metrics of the window since the last log line (and the evaluation when due), handed
     to the sinks and the callbacks."""
-    loss_mean, accuracy = window.reduce()
     metrics = {
-        "loss": loss_mean,
-        "train_accuracy": accuracy,
+        "loss": tally.loss,
+        "train_accuracy": tally.accuracy,
         "images_per_s": images_per_s,
         "lr": t.engine.get_lr()[0],
+        "train_time_s": t.pacer.train_time_s,
     }
+    if t.cfg.train.time_limit_s > 0:
+        metrics["horizon_steps"] = t.pacer.total_steps  # where the schedule now ends
     if t.cfg.data.on_error == "skip":
         metrics["data_skipped"] = sum_over_ranks(t.reader.num_skipped)
-    if t.eval_reader and (step % t.cfg.train.eval_every == 0 or last):
-        metrics.update(evaluate_on_main(t))
+    every = t.cfg.train.eval_every
+    if t.eval_reader and ((every and step % every == 0) or t.pacer.eval_due() or last):
+        with t.pacer.evaluation():  # not training time (train.eval_every_s, time_limit_s)
+            metrics.update(evaluate_on_main(t))
+        t.pacer.evaluated()
+        metrics["eval_time_s"] = t.pacer.eval_time_s
     for sink in t.sinks:  # only the main rank has sinks
         sink.log(step, metrics)
     for callback in t.callbacks:
         if t.env.is_main or getattr(callback, "every_rank", False):
             callback(step, metrics, t.engine.module)
     return metrics
+
+
+def sync_ranks(
+    t: Trainer,
+    window: WindowStats,
+    out_of_time: bool,
+    steps: tuple[int, int],
+    reset: bool,
+    clock: float = 0.0,
+) -> tuple[Tally, int]:
+    """At a sync step, on every rank: the window's statistics over all ranks and the agreed stop
+    code (0 = go on, 1 = out of time, else the number of a stop signal that some rank received),
+    from one all-reduce, which also sums `clock` over the ranks (the main rank passes its
+    training seconds, the others 0: `tally.shared[0]` is the main rank's clock on every rank).
+    Raises NonFiniteLossError on every rank if any rank's loss was NaN/inf since the last sync
+    step (`steps` = (that step, this one))."""
+    votes = [t.stop.signum == sig for sig in StopSignals.SIGNALS] + [out_of_time]
+    tally = window.tally(votes, reset=reset, shared=[clock])
+    if not math.isfinite(tally.loss):
+        raise NonFiniteLossError(
+            f"the training loss became {tally.loss} between step {steps[0]} and step {steps[1]} "
+            f"(checked every train.log_every steps); the last good checkpoint in {t.ckpt_dir} "
+            "is kept: lower train.lr or use ds.precision=fp32/bf16, then rerun"
+        )
+    *signalled, timed_out = tally.votes
+    received = [sig for sig, count in zip(StopSignals.SIGNALS, signalled, strict=True) if count]
+    return tally, int(received[0]) if received else int(timed_out > 0)
+
+
+def _progress_fields(metrics: dict[str, float]) -> dict[str, str]:
+    """The progress bar's figures: those of the last log line (reading the live loss at every
+    step would make a GPU wait for the host)."""
+    return {
+        "loss": f"{metrics['loss']:.4f}",
+        "acc": f"{metrics['train_accuracy']:.3f}",
+        "img_s": f"{metrics['images_per_s']:.0f}",
+    }
 
 
 def finish(t: Trainer, result: dict) -> dict:
@@ -330,6 +418,15 @@ def finish(t: Trainer, result: dict) -> dict:
             write_status(run_dir, "stopped", result["step"], reason=result["stopped"])
         else:
             write_status(run_dir, "finished", result["step"])
+        # The weights as a W&B model artifact (config, step and accuracies as its metadata).
+        state = "stopped" if "stopped" in result else "final"
+        metadata = {**result, "config": config_to_dict(t.cfg)}
+        aliases = [state, f"step-{result['step']}"]
+        log_model_artifact(t.sinks, run_dir / WEIGHTS, run_dir, aliases, metadata)
+    if dist.is_initialized() and t.env.world_size > 1:
+        # Every rank leaves together: a launcher that ends the job when its first rank exits
+        # (srun --kill-on-bad-exit after a stop's exit 75) would cut the main rank's export short.
+        dist.barrier()
     return result
 
 

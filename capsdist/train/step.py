@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,32 +32,66 @@ def train_step(engine, batch: Batch, loss_cfg: LossConfig):
     return loss.detach(), num_correct(output, labels)
 
 
-@dataclass
-class WindowStats:
-    """Loss and accuracy summed since the last report; averaged over ranks when read."""
+@dataclass(frozen=True)
+class Tally:
+    """What every rank agrees on at a sync step (log, checkpoint or last step), from one
+    all-reduce: the window's statistics and the ranks' votes (e.g. "stop")."""
 
-    loss_sum: float = 0.0
-    correct: int = 0
-    examples: int = 0
-    batches: int = 0
+    loss: float
+    """Mean micro-batch loss over the window and every rank; NaN or inf if any loss was."""
+    accuracy: float
+    """Correct / examples over the window and every rank."""
+    votes: tuple[int, ...]
+    """For each vote cast to `WindowStats.tally`, the number of ranks that cast it."""
+    shared: tuple[float, ...] = ()
+    """For each value passed to `WindowStats.tally` as `shared`, its sum over the ranks (a value
+    that only the main rank passes, the others 0, reaches every rank as the main rank's)."""
+
+
+class WindowStats:
+    """Loss and correct counts summed on the device since the last log step.
+
+    `add` launches two tiny device ops and reads nothing back: on a GPU the host never waits
+    for the step it has just queued (nanoGPT-style loops read the loss only when they log).
+    The host learns the sums, and whether any loss was NaN/inf (the sum is then non-finite
+    too), only at `tally`.
+    """
+
+    def __init__(self) -> None:
+        self._sums: torch.Tensor | None = None  # (2,) fp64 on the device: loss sum, correct
+        self.examples = 0
+        self.batches = 0
 
     def add(self, loss: torch.Tensor, correct: torch.Tensor, batch_size: int) -> None:
-        self.loss_sum += float(loss)
-        self.correct += int(correct)
+        both = torch.stack((loss.detach().to(torch.float64), correct.to(torch.float64)))
+        self._sums = both if self._sums is None else self._sums.add_(both)
         self.examples += batch_size
         self.batches += 1
 
-    def reduce(self) -> tuple[float, float]:
-        """(mean loss, accuracy) over every rank's window, then reset the window."""
-        totals = torch.tensor(
-            [self.loss_sum, self.correct, self.examples, self.batches], dtype=torch.float64
-        )
+    def tally(
+        self, votes: Sequence[bool] = (), reset: bool = True, shared: Sequence[float] = ()
+    ) -> Tally:
+        """Sum the window over every rank, with `votes` (one flag per question, e.g. "stop?")
+        and `shared` (numbers, e.g. the main rank's clock), in one all-reduce; then start a new
+        window if `reset`. Every rank must call it at the same step: it is a collective. The one
+        device→host read of the window."""
+        sums = self._sums if self._sums is not None else torch.zeros(2, dtype=torch.float64)
         if dist.is_initialized():
-            totals = totals.to(_reduce_device())
+            sums = sums.to(_reduce_device())
+        host = [self.examples, self.batches, *votes, *shared]
+        totals = torch.cat((sums, torch.tensor(host, dtype=torch.float64, device=sums.device)))
+        if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
-        loss_sum, correct, examples, batches = totals.tolist()
-        self.loss_sum, self.correct, self.examples, self.batches = 0.0, 0, 0, 0
-        return loss_sum / max(batches, 1), correct / max(examples, 1)
+        loss_sum, correct, examples, batches, *rest = totals.tolist()
+        counts, summed = rest[: len(votes)], rest[len(votes) :]
+        if reset:
+            self._sums, self.examples, self.batches = None, 0, 0
+        return Tally(
+            loss_sum / max(batches, 1),
+            correct / max(examples, 1),
+            tuple(map(int, counts)),
+            tuple(summed),
+        )
 
 
 def _reduce_device() -> torch.device:
@@ -71,20 +106,6 @@ def sum_over_ranks(count: int) -> int:
     value = torch.tensor([count], dtype=torch.int64, device=_reduce_device())
     dist.all_reduce(value)
     return int(value.item())
-
-
-def max_over_ranks(value: int) -> int:
-    """The largest of an integer over every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=_reduce_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if the flag is set on any rank (stop decisions must agree)."""
-    return bool(max_over_ranks(int(flag)))
 
 
 def replica_report(model: torch.nn.Module, shards: list[str]) -> tuple[bool, list[list[str]]]:

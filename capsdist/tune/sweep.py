@@ -1,8 +1,9 @@
 """`capsdist sweep`: run a sweep file with Ray Tune, then tabulate the trials and keep the best.
 
-Sweep directory: `ray/` (Tune's experiment state, what `--resume` restores), `trials/<id>/`
-(each trial's run.dir: config, checkpoints, metrics, weights), `sweep_results.csv` and `.md`,
-`best_config.yaml`, `sweep.json`.
+Sweep directory: `ray/` (Tune's experiment state, what `--resume` restores; with
+`ray.storage_path` set it is `<ray.storage_path>/<sweep name>` instead, as capsdist/tune/storage.py
+decides for every Ray run), `trials/<id>/` (each trial's run.dir: config, checkpoints, metrics,
+weights), `sweep_results.csv` and `.md`, `best_config.yaml`, `sweep.json`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ from capsdist.data import is_remote, read_meta
 from capsdist.run_dir import write_json_atomic, write_text_atomic
 from capsdist.track import ProgressBar, build_wandb_sink
 from capsdist.tune.spec import Dimension, SweepError, SweepSpec, format_override
+from capsdist.tune.storage import check_storage, experiment_path, is_url, ray_storage
 from capsdist.tune.trial import TrialBase, train_trial
-
-EXPERIMENT = "ray"  # Tune's experiment folder inside the sweep directory
 
 # The sweep's progress bar. Tune pickles its callbacks into the experiment state and, on
 # `--resume`, uses the unpickled ones: so `TrialProgress` holds no state and updates whichever bar
@@ -104,16 +104,16 @@ def _tuner(spec: SweepSpec, resume: bool, bar_callback):
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=_trial_base(spec)), resources
     )
-    state = spec.dir / EXPERIMENT
+    storage_path, name = ray_storage(spec.base_config().ray.storage_path, spec.dir, spec.sweep.name)
+    check_storage(storage_path)
+    state = experiment_path(storage_path, name)
     if resume:
-        if not tune.Tuner.can_restore(str(state)):
+        if not tune.Tuner.can_restore(state):
             raise SweepError(f"--resume: no sweep state in {state}; start it without --resume")
         # Unfinished and failed trials start again; each resumes from the last DeepSpeed
         # checkpoint in its own run.dir (trials/<id>), so finished steps are not redone.
-        return tune.Tuner.restore(
-            str(state), trainable, resume_unfinished=True, restart_errored=True
-        )
-    if state.exists():
+        return tune.Tuner.restore(state, trainable, resume_unfinished=True, restart_errored=True)
+    if tune.Tuner.can_restore(state) if is_url(state) else Path(state).exists():
         raise SweepError(
             f"{state} holds an earlier sweep: pass --resume to continue it, or set sweep.dir=NEW"
         )
@@ -130,8 +130,8 @@ def _tuner(spec: SweepSpec, resume: bool, bar_callback):
             reuse_actors=False,  # a fresh process per trial: no rendezvous state carried over
         ),
         run_config=tune.RunConfig(
-            name=EXPERIMENT,
-            storage_path=str(spec.dir),
+            name=name,
+            storage_path=storage_path,
             callbacks=[bar_callback],
             verbose=0,  # our progress bar on stderr; stdout keeps the table and the JSON line
         ),

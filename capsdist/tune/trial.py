@@ -1,9 +1,14 @@
-"""One sweep trial: the same `run_training` as `capsdist train`, with the trial's values as
-config overrides, reporting to Ray Tune from the training callback.
+"""Training inside Ray: one sweep trial, and the workers of `LAUNCHER=ray`.
 
-With `sweep.workers_per_trial` = 1 the trial trains inside its Tune process. With more, the Tune
+A sweep trial runs the same `run_training` as `capsdist train`, with the trial's values as
+config overrides, reporting to Ray Tune from the training callback. With
+`sweep.workers_per_trial` = 1 the trial trains inside its Tune process. With more, the Tune
 process only drives a Ray Train run of that many workers (DeepSpeed data parallel across them);
 every worker reports to Ray Train, which hands rank 0's metrics on to Tune.
+
+`launch/ray_train.py` runs `ray_launch_worker` in every Ray Train worker: the run's last
+reported checkpoint is put back into run.dir where missing, then the loop trains and reports
+each complete checkpoint (capsdist/tune/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -13,16 +18,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray
 import ray.train
 from ray import tune
-from ray.train import RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from capsdist.config import load_config
+from capsdist.config import Config, load_config
 from capsdist.data import read_meta
 from capsdist.train import on_every_rank, run_training
+from capsdist.tune.checkpoints import CheckpointReporter, prepare_run_dir
 from capsdist.tune.spec import format_override
+from capsdist.tune.storage import ray_storage
 from capsdist.viz import FigureCallback
 
 # Set by export_rendezvous with os.environ.setdefault: a worker process that ran an earlier
@@ -70,14 +78,15 @@ def train_trial(params: dict, base: TrialBase) -> None:
             os.environ.pop(key, None)
         train_and_report({"cfg": cfg, "base": base}, tune.report)
         return
+    storage_path, name = ray_storage(cfg.ray.storage_path, cfg.run.dir, trial_id)
     torch_trainer(
         _ray_train_worker,
         {"cfg": cfg, "base": base},
         num_workers=base.workers,
         cpus_per_worker=base.cpus_per_worker,
         gpus_per_worker=base.gpus_per_worker,
-        name=trial_id,
-        storage_path=str(Path(cfg.run.dir) / "ray"),
+        name=name,
+        storage_path=storage_path,
         callbacks=[TuneReportCallback()],
     ).fit()
 
@@ -107,8 +116,36 @@ def train_and_report(config: dict, report) -> None:
         report({**result, "run_dir": cfg.run.dir})
 
 
+def ray_launch_worker(config: dict) -> dict:
+    """One Ray Train worker of `launch/ray_train.py`: restore, train, report checkpoints.
+    Returns the training result (Ray hands rank 0's to the driver)."""
+    cfg: Config = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    node = ray.get_runtime_context().get_node_id()
+    print(
+        f"ray worker rank {rank}/{world_size} local rank {ctx.get_local_rank()} pid "
+        f"{os.getpid()} node {ray.util.get_node_ip_address()} ({node[:12]}) "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}",
+        flush=True,
+    )
+    restored = prepare_run_dir(Path(cfg.run.dir), rank, world_size)
+    if restored is not None:
+        print(f"rank {rank}: restored Ray Train's checkpoint of step {restored}", flush=True)
+    reporter = CheckpointReporter(cfg.run.dir, rank, cfg.train.keep_last)
+    return run_training(cfg, [reporter])
+
+
+def gpus_per_worker(configured: float, cluster_resources: dict) -> float:
+    """ray.gpus_per_worker, with -1 (auto) decided by the cluster: 1 when it has GPUs (whichever
+    node the driver runs on: under `ray job submit` that is often a CPU-only head), else 0."""
+    if configured >= 0:
+        return configured
+    return 1.0 if cluster_resources.get("GPU", 0) > 0 else 0.0
+
+
 def torch_trainer(
-    worker: Callable[[dict], None],
+    worker: Callable[[dict], object],
     worker_config: dict,
     *,
     num_workers: int,
@@ -117,13 +154,19 @@ def torch_trainer(
     name: str,
     storage_path: str,
     callbacks: Sequence = (),
+    max_failures: int = 0,
+    placement_strategy: str = "PACK",
+    num_to_keep: int | None = None,
 ):
     """A Ray Train `TorchTrainer` running `worker(worker_config)` on `num_workers` workers.
 
     Ray Train starts the workers, sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR and joins
     them in a torch process group (gloo on CPU, NCCL on GPU); each worker then runs the same
-    training loop as every other launcher. Used by sweeps with `sweep.workers_per_trial > 1` and
-    by `launch/ray_train.py`.
+    training loop as every other launcher. With a GPU per worker (or a share of one), Ray sets
+    CUDA_VISIBLE_DEVICES to the GPUs of all workers on the node, ordered as the local ranks, so
+    `pick_device` takes the local rank's (one visible: cuda:0). After a worker dies, Ray Train
+    restarts the whole group up to `max_failures` times. Used by sweeps with
+    `sweep.workers_per_trial > 1` and by `launch/ray_train.py`.
     """
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
@@ -132,7 +175,16 @@ def torch_trainer(
         train_loop_config=worker_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=placement_strategy,
         ),
-        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks)),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=list(callbacks),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+        ),
     )

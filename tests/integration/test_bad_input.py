@@ -158,15 +158,15 @@ def test_eval_of_zero_examples_is_an_error_and_writes_nothing(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """An 8 MiB file system (tmpfs) at tmp_path/disk: room for one checkpoint of debug_cpu's
-    model (5.4 MB) and its exported weights, not for two checkpoints. Mounting one needs root
-    (CAP_SYS_ADMIN): elsewhere the tests that use it are skipped."""
+    """A 12 MiB file system (tmpfs) at tmp_path/disk: room for one checkpoint of debug_cpu's
+    model (8.2 MB with its whole-optimizer copy) and its exported weights, not for two.
+    Mounting one needs root (CAP_SYS_ADMIN): elsewhere the tests that use it are skipped."""
     disk = tmp_path / "disk"
     disk.mkdir()
     if not shutil.which("mount"):
         pytest.skip("no mount command")
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
+        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)],
         capture_output=True,
         text=True,
     )

@@ -110,7 +110,10 @@ def test_runtime_settings_and_keys_added_later_do_not_make_a_different_model():
 
 # ---- bad values: one line naming the key (issue 12, case 7) ---------------------------------
 
-NEGATIVE_IS_MEANINGFUL = {"seed"}  # any integer seeds torch and the data order
+NEGATIVE_IS_MEANINGFUL = {
+    "seed",  # any integer seeds torch and the data order
+    "ray.gpus_per_worker",  # -1 = auto; other negatives: tests/unit/test_ray_launch.py
+}
 
 
 @pytest.mark.parametrize(

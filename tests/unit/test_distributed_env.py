@@ -48,6 +48,28 @@ def test_cuda_device_follows_what_the_process_can_see(local_rank, visible, expec
     assert cuda_index(local_rank, visible) == expected
 
 
+@pytest.mark.parametrize(
+    ("allocation", "visible_devices", "expected"),
+    [
+        # sbatch --gpus-per-node=4 --ntasks-per-node=4: every task sees the node's 4 GPUs
+        ("--gpus-per-node", "0,1,2,3", [0, 1, 2, 3]),
+        # sbatch --gpus-per-task=1 (or srun --gpu-bind=single:1): each task sees its own one
+        ("--gpus-per-task", None, [0, 0, 0, 0]),
+    ],
+)
+def test_each_srun_task_gets_a_gpu_of_its_own(allocation, visible_devices, expected):
+    """Four tasks on one node, as srun starts them: rank and local rank from SLURM_*, the
+    visible GPUs from CUDA_VISIBLE_DEVICES as SLURM sets it (what torch.cuda counts)."""
+    devices = []
+    for local in range(4):
+        environ = {"SLURM_PROCID": str(4 + local), "SLURM_LOCALID": str(local), "SLURM_NTASKS": "8"}
+        visible = (visible_devices or str(local)).split(",")  # per task: only its own GPU
+        env = DistEnv.from_environ(environ)
+        assert env == DistEnv(4 + local, local, 8)
+        devices.append(cuda_index(env.local_rank, len(visible)))
+    assert devices == expected, allocation
+
+
 def test_more_local_ranks_than_visible_gpus_is_named(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     with pytest.raises(

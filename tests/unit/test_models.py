@@ -1,10 +1,12 @@
-"""Model shapes, parameter counts of the paper's models, init and decoder masking."""
+"""Model shapes, parameter counts of the paper's models, init and decoder masking. The forward
+and training checks run on $CAPSDIST_TEST_DEVICE (tests/device.py)."""
 
 import pytest
 import torch
 
 from capsdist.config import load_config
 from capsdist.models import build_model, compute_loss, num_parameters
+from tests.device import DEVICE
 
 
 @pytest.mark.parametrize(
@@ -25,9 +27,9 @@ def test_parameter_counts_match_the_paper(preset, overrides, expected):
 @pytest.mark.parametrize("preset", ["mnist", "cifar10", "smallnorb", "debug_cpu", "mnist_sample"])
 def test_every_preset_builds_and_runs_forward(preset):
     cfg = load_config([f"configs/{preset}.yaml"])
-    model = build_model(cfg.model)
+    model = build_model(cfg.model).to(DEVICE)
     h, w, c = cfg.model.image_shape
-    out = model(torch.rand(2, c, h, w))
+    out = model(torch.rand(2, c, h, w, device=DEVICE))
     assert out.lengths.shape == (2, cfg.model.num_classes)
     assert ((out.lengths >= 0) & (out.lengths < 1)).all()
     if cfg.model.reconstruction:
@@ -101,8 +103,9 @@ def test_two_target_slots_follow_the_given_label_order(mode):
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
     cfg = load_config(["configs/debug_cpu.yaml"])
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    images, labels = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
+    model = build_model(cfg.model).to(DEVICE)
+    images = torch.rand(16, 1, 28, 28, device=DEVICE)
+    labels = torch.arange(16, device=DEVICE) % 10
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(40):

@@ -19,6 +19,17 @@ def test_plain_progress_prints_lines_with_values_rate_and_eta(capsys, monkeypatc
     assert "steps/s" in lines[1] and "ETA" in lines[1]
 
 
+def test_a_new_total_moves_the_eta(capsys, monkeypatch):
+    """Under a time budget the expected end is re-estimated: the lines follow it."""
+    monkeypatch.setenv("CAPSDIST_PROGRESS_EVERY_S", "0")
+    bar = ProgressBar(1_000_000, plain=True)
+    bar.update(1)
+    bar.set_total(40)
+    bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("train: 1/1000000 steps") and lines[1].startswith("train: 2/40 ")
+
+
 def test_plain_progress_waits_for_its_interval(capsys, monkeypatch):
     monkeypatch.setenv("CAPSDIST_PROGRESS_EVERY_S", "3600")
     bar = ProgressBar(100, plain=True)
