@@ -267,7 +267,8 @@ def train_loop(t: Trainer) -> dict:
 
     Nothing is read back from the device between sync steps (log steps, checkpoint steps and
     the last one): loss and accuracy add up on the device, so a GPU never waits for the host
-    (under ZeRO-1/2 DeepSpeed itself still reads its gradient-norm check: docs/gpu.md).
+    (DeepSpeed's own per-step gradient-norm / overflow reads are switched off when nothing
+    clips: build_deepspeed_config, docs/gpu.md).
     At a sync step every rank reads its window and casts its stop votes in one all-reduce
     (`sync_ranks`): a NaN loss is found there, before a checkpoint could save it, and a time
     limit (on the main rank's training clock) or a stop signal (on any rank) ends the run there,
