@@ -37,6 +37,13 @@ def _fraction(section: object, prefix: str, *keys: str) -> None:
     _check_bound(section, prefix, keys, "in [0, 1]", lambda value: 0 <= value <= 1)
 
 
+def _one_of(section: object, prefix: str, key: str, choices: tuple[str, ...]) -> None:
+    """`key` of `section` must be one of `choices`."""
+    value = getattr(section, key)
+    if value not in choices:
+        raise ConfigError(f"{prefix}.{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def _check_bound(section: object, prefix: str, keys: tuple[str, ...], bound: str, holds) -> None:
     # Finite too: NaN fails every comparison, so a plain `if lr <= 0` lets it through.
     for key in keys:
@@ -276,10 +283,7 @@ class TrainConfig:
     model.num_classes), which keep their fresh initialisation."""
 
     def __post_init__(self) -> None:
-        if self.resume not in RESUME_MODES:
-            raise ConfigError(
-                f"train.resume must be one of {', '.join(RESUME_MODES)}, got {self.resume!r}"
-            )
+        _one_of(self, "train", "resume", RESUME_MODES)
         counts = ("batch_size", "max_steps", "lr_decay_steps", "log_every", "keep_last")
         _at_least(self, "train", 1, *counts)
         zero_allowed = ("micro_batch_size", "time_limit_s", "checkpoint_every")
@@ -287,11 +291,7 @@ class TrainConfig:
         _above(self, "train", 0, "lr", "lr_decay_rate")
         _at_least(self, "train", 0, "eval_every_s")
         _at_least(self, "train", 0, "eval_examples")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(
-                f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
-                f"got {self.lr_schedule!r}"
-            )
+        _one_of(self, "train", "lr_schedule", LR_SCHEDULES)
         _fraction(self, "train", "lr_start_factor", "lr_final_factor")
         if not (0 <= self.warmup_frac < 1):
             raise ConfigError(f"train.warmup_frac must be in [0, 1), got {self.warmup_frac}")
@@ -407,11 +407,7 @@ class RayConfig:
             )
         _above(self, "ray", 0, "cpus_per_worker")
         _at_least(self, "ray", 0, "max_failures")
-        if self.placement_strategy not in PLACEMENT_STRATEGIES:
-            raise ConfigError(
-                f"ray.placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
-                f"got {self.placement_strategy!r}"
-            )
+        _one_of(self, "ray", "placement_strategy", PLACEMENT_STRATEGIES)
         scheme, sep, rest = self.storage_path.partition("://")
         if sep and (not scheme or not rest.strip("/")):
             raise ConfigError(
