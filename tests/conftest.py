@@ -57,6 +57,20 @@ def run_capsdist(*args: str, timeout: float = 300, **env: str) -> CliResult:
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+def small_run(data: Path, run: Path, *more: str) -> list[str]:
+    """Overrides of configs/debug_cpu.yaml for a run that checkpoints and resumes in seconds:
+    batch 16, a line (and sync) at every step, a small decoder, no W&B; then `more`."""
+    return [
+        f"data.root={data}",
+        f"run.dir={run}",
+        "train.batch_size=16",
+        "train.log_every=1",
+        "model.decoder_hidden=[16,32]",
+        "wandb.mode=disabled",
+        *more,
+    ]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache_dir(tmp_path_factory):
     """The reader remembers verified shard checksums under $CAPSDIST_CACHE_DIR: keep the test

@@ -16,6 +16,7 @@ from capsdist.config import ConfigError, load_config
 from capsdist.eval import run_eval
 from capsdist.train import run_training
 from data_tools.synthetic import make_synthetic_shards
+from tests.conftest import small_run
 
 pytestmark = pytest.mark.slow
 
@@ -28,19 +29,8 @@ def data(tmp_path_factory):
 
 
 def config(data, run, *overrides: str):
-    return load_config(
-        ["configs/debug_cpu.yaml"],
-        [
-            f"data.root={data}",
-            f"run.dir={run}",
-            "train.batch_size=16",
-            "train.checkpoint_every=1",
-            "train.log_every=1",
-            "model.decoder_hidden=[16,32]",
-            "wandb.mode=disabled",
-            *overrides,
-        ],
-    )
+    overrides = small_run(data, run, "train.checkpoint_every=1", *overrides)
+    return load_config(["configs/debug_cpu.yaml"], overrides)
 
 
 def adam_step(folder) -> int:

@@ -22,7 +22,7 @@ from capsdist.config import load_config
 from capsdist.run_dir import RunDirError
 from capsdist.train import run_training
 from data_tools.synthetic import make_synthetic_shards
-from tests.conftest import ROOT, CliResult, cli_env
+from tests.conftest import ROOT, CliResult, cli_env, small_run
 from tests.integration.topology_probe import probe
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -36,16 +36,7 @@ def data(tmp_path_factory):
 
 
 def settings(data, run, *more: str) -> list[str]:
-    return [
-        f"data.root={data}",
-        f"run.dir={run}",
-        "train.batch_size=16",
-        "train.checkpoint_every=2",
-        "train.log_every=1",
-        "model.decoder_hidden=[16,32]",
-        "wandb.mode=disabled",
-        *more,
-    ]
+    return small_run(data, run, "train.checkpoint_every=2", *more)
 
 
 def torchrun(module: str, *args: str, timeout: float = 600) -> CliResult:

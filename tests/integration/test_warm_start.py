@@ -16,6 +16,7 @@ from capsdist.config import load_config
 from capsdist.train import run_training
 from capsdist.train.warm_start import WarmStartError
 from data_tools.synthetic import make_synthetic_shards
+from tests.conftest import small_run
 
 pytestmark = pytest.mark.slow
 
@@ -35,18 +36,7 @@ def source(tmp_path_factory):
 
 
 def config(data, run, *more: str):
-    return load_config(
-        ["configs/debug_cpu.yaml"],
-        [
-            f"data.root={data}",
-            f"run.dir={run}",
-            "train.batch_size=16",
-            "train.log_every=1",
-            "model.decoder_hidden=[16,32]",
-            "wandb.mode=disabled",
-            *more,
-        ],
-    )
+    return load_config(["configs/debug_cpu.yaml"], small_run(data, run, *more))
 
 
 def test_strict_warm_start_begins_at_step_0_from_the_weights(source, tmp_path, capsys):
