@@ -57,7 +57,7 @@ LATEST = "latest"
 CONFIG_KEY = "capsdist_config"  # safetensors metadata key holding the config YAML
 
 # How the model runs, not what it is: weights move freely between these settings.
-RUNTIME_MODEL_KEYS = ("compile", "channels_last", "fused_routing")
+RUNTIME_MODEL_KEYS = ("compile", "channels_last", "fused_routing", "eval_routing_iters")
 # How the model trains, not what it is: another value is another run ("same run?"), but the
 # weights are the same model's ("same model?": eval, warm start, ensembles).
 TRAINING_ONLY_MODEL_KEYS = ("train_routing_iters",)

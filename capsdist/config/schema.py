@@ -136,8 +136,12 @@ class ModelConfig:
     routing_iters: int = 3
     """Routing-by-agreement iterations in the class-capsule layer (the reference's `routing`)."""
     train_routing_iters: int = 0
-    """Routing iterations while training (evaluation always uses model.routing_iters); 0 = the
-    same as model.routing_iters. Fewer are cheaper per step; the weights are the same shape."""
+    """Routing iterations while training; 0 = the same as model.routing_iters. Fewer are cheaper
+    per step; the weights are the same shape."""
+    eval_routing_iters: int = 0
+    """Routing iterations in evaluation mode (eval, validation, in-loop evaluations, predict,
+    export, ensembles); 0 = the same as model.routing_iters. The weights are the same, so any
+    checkpoint can be evaluated with another count."""
     primary_scaling: str = "reference"
     """Primary capsules: `reference` scales the conv output by 1/num_prime_capsules before the
     bias and squash (the reference code's one-iteration routing quirk); `paper` squashes the
@@ -172,7 +176,7 @@ class ModelConfig:
             raise ConfigError(
                 f"model.primary_scaling must be reference or paper, got {self.primary_scaling!r}"
             )
-        _at_least(self, "model", 0, "train_routing_iters")
+        _at_least(self, "model", 0, "train_routing_iters", "eval_routing_iters")
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ConfigError(f"model.image_shape must be [H, W, C], got {self.image_shape}")
         _at_least(self, "model", 2, "num_classes")  # fewer is no classification

@@ -58,14 +58,15 @@ class PrimaryCapsules(nn.Module):
 
 class ClassCapsules(nn.Module):
     """Fully connected capsules: W_ij (Din → Dout) for every input i and class j, then routing
-    (model.train_routing_iters iterations in training mode when set, else model.routing_iters)."""
+    (model.train_routing_iters iterations in training mode and model.eval_routing_iters in
+    evaluation mode, each where set, else model.routing_iters)."""
 
     def __init__(self, num_inputs: int, cfg: ModelConfig):
         super().__init__()
         self.num_classes, self.dim = cfg.num_classes, cfg.class_dim
         self.train_iters = cfg.train_routing_iters or cfg.routing_iters
-        self.iters, self.leaky, self.detach, self.fused = (
-            cfg.routing_iters,
+        self.eval_iters, self.leaky, self.detach, self.fused = (
+            cfg.eval_routing_iters or cfg.routing_iters,
             cfg.leaky_routing,
             cfg.routing_detach,
             cfg.fused_routing,
@@ -78,7 +79,7 @@ class ClassCapsules(nn.Module):
 
     def forward(self, u_bid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(v_bjd, c_bij); the (B, I, J, D) votes exist only inside routing (see routing.py)."""
-        iters = self.train_iters if self.training else self.iters
+        iters = self.train_iters if self.training else self.eval_iters
         return route_capsules(
             u_bid, self.weight, self.bias, iters, self.leaky, self.detach, self.fused
         )

@@ -16,6 +16,7 @@ from capsdist.distributed.schedules import BudgetSchedule, progress_at
 from capsdist.errors import UserError
 from capsdist.models import build_model, num_parameters
 from capsdist.models.layers import squash
+from capsdist.models.plain import PlainCapsNet
 from capsdist.run_dir import model_differences, run_differences
 from capsdist.train.pacing import Pacer
 from capsdist.viz.curves import read_curve
@@ -202,6 +203,7 @@ def test_fast_configs_build_the_papers_capsnet_with_the_speed_recipe(preset):
     cfg = load_config([f"configs/{preset}.yaml"])
     assert num_parameters(build_model(cfg.model)) == 8_215_728
     assert (cfg.model.routing_iters, cfg.model.reconstruction) == (3, True)
+    assert (cfg.model.train_routing_iters, cfg.model.eval_routing_iters) == (0, 2)
     assert (cfg.train.batch_size, cfg.loss.margin_reduction, cfg.ds.precision) == (
         32,
         "paper",
@@ -224,18 +226,21 @@ def tiny(overrides=()):
     return load_config(["configs/debug_cpu.yaml"], ["model.routing_iters=3", *overrides])
 
 
-def test_train_routing_iters_apply_in_training_mode_only():
-    cfg = tiny(["model.train_routing_iters=1"])
+@pytest.mark.parametrize("fast", [True, False], ids=["capsnet", "plain_reference"])
+def test_train_and_eval_routing_iters_apply_in_their_mode_only(fast):
+    build = build_model if fast else PlainCapsNet
+    cfg = tiny(["model.train_routing_iters=1", "model.eval_routing_iters=2"])
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    one, three = (build_model(tiny([f"model.routing_iters={n}"]).model) for n in (1, 3))
-    for other in (one, three):
+    model = build(cfg.model)
+    one, two, three = (build(tiny([f"model.routing_iters={n}"]).model) for n in (1, 2, 3))
+    for other in (one, two, three):
         other.load_state_dict(model.state_dict())
     images = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(model.train()(images).lengths, one.train()(images).lengths)
-        torch.testing.assert_close(model.eval()(images).lengths, three.eval()(images).lengths)
-        assert not torch.allclose(one.eval()(images).lengths, three.eval()(images).lengths)
+        torch.testing.assert_close(model.eval()(images).lengths, two.eval()(images).lengths)
+        assert not torch.allclose(two.eval()(images).lengths, three.eval()(images).lengths)
+        assert not torch.allclose(one.eval()(images).lengths, two.eval()(images).lengths)
 
 
 def test_paper_primary_scaling_squashes_the_unscaled_convolution():
@@ -257,6 +262,10 @@ def test_training_only_model_keys_are_the_same_model_but_another_run():
     assert run_differences(config_to_yaml(saved), other) == [
         "model.train_routing_iters: 0 there, 1 here"
     ]
+    # Evaluation's routing count is how the model runs: same model and same run.
+    evaluated = load_config(["configs/debug_cpu.yaml"], ["model.eval_routing_iters=2"])
+    assert model_differences(vars(saved.model), evaluated.model) == []
+    assert run_differences(config_to_yaml(saved), evaluated) == []
     scaled = load_config(["configs/debug_cpu.yaml"], ["model.primary_scaling=paper"])
     assert model_differences(vars(saved.model), scaled.model)  # another function: another model
 
