@@ -189,6 +189,12 @@ class ModelConfig:
         if self.num_targets not in (1, 2):
             raise ConfigError(f"model.num_targets must be 1 or 2, got {self.num_targets}")
 
+    def routing_iters_in(self, training: bool) -> int:
+        """Routing iterations in training or in evaluation mode: model.train_routing_iters or
+        model.eval_routing_iters, where set (0 = model.routing_iters)."""
+        iters = self.train_routing_iters if training else self.eval_routing_iters
+        return iters or self.routing_iters
+
 
 @dataclass
 class LossConfig:
@@ -234,6 +240,11 @@ class TrainConfig:
     lr: float = 0.001
     """Adam learning rate (the reference's `learning_rate`); the peak of the onecycle and cosine
     schedules (train.lr_schedule)."""
+    adam_beta1: float = 0.9
+    """Adam's decay of its gradient average (TensorFlow's and torch's default, the reference's)."""
+    adam_beta2: float = 0.999
+    """Adam's decay of its squared-gradient average: 0.999 (the reference's) averages over
+    ~1,000 steps; a run of a few thousand steps may prefer a shorter memory."""
     lr_decay_rate: float = 0.96
     """Exponential decay: lr * rate^(step / lr_decay_steps), continuous (the reference's)."""
     lr_decay_steps: int = 2000
@@ -297,8 +308,9 @@ class TrainConfig:
         _at_least(self, "train", 0, "eval_examples")
         _one_of(self, "train", "lr_schedule", LR_SCHEDULES)
         _fraction(self, "train", "lr_start_factor", "lr_final_factor")
-        if not (0 <= self.warmup_frac < 1):
-            raise ConfigError(f"train.warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        for key in ("warmup_frac", "adam_beta1", "adam_beta2"):
+            if not (0 <= getattr(self, key) < 1):
+                raise ConfigError(f"train.{key} must be in [0, 1), got {getattr(self, key)}")
         if self.eval_every < 0 or (self.eval_every and self.eval_every % self.log_every):
             raise ConfigError(
                 f"train.eval_every={self.eval_every} must be 0 or a multiple of "

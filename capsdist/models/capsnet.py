@@ -59,14 +59,14 @@ class PrimaryCapsules(nn.Module):
 class ClassCapsules(nn.Module):
     """Fully connected capsules: W_ij (Din → Dout) for every input i and class j, then routing
     (model.train_routing_iters iterations in training mode and model.eval_routing_iters in
-    evaluation mode, each where set, else model.routing_iters)."""
+    evaluation mode: ModelConfig.routing_iters_in)."""
 
     def __init__(self, num_inputs: int, cfg: ModelConfig):
         super().__init__()
         self.num_classes, self.dim = cfg.num_classes, cfg.class_dim
-        self.train_iters = cfg.train_routing_iters or cfg.routing_iters
+        self.train_iters = cfg.routing_iters_in(training=True)
         self.eval_iters, self.leaky, self.detach, self.fused = (
-            cfg.eval_routing_iters or cfg.routing_iters,
+            cfg.routing_iters_in(training=False),
             cfg.leaky_routing,
             cfg.routing_detach,
             cfg.fused_routing,

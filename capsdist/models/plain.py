@@ -130,8 +130,7 @@ class PlainCapsNet(nn.Module):
         j, d = cfg.num_classes, cfg.class_dim
         w_ikjd = self.classes.weight.view(self.num_inputs, din, j, d)
         votes = torch.einsum("bik,ikjd->bijd", u, w_ikjd)  # (B, I, J, D) û_{j|i} = W_ij u_i
-        iters = cfg.train_routing_iters if self.training else cfg.eval_routing_iters
-        iters = iters or cfg.routing_iters
+        iters = cfg.routing_iters_in(self.training)
         v, c = plain_routing(votes, self.classes.bias, iters, cfg.leaky_routing, cfg.routing_detach)
         lengths = torch.sqrt((v * v).sum(-1) + EPS)  # (B, J)
         recon = None

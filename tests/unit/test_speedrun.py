@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from capsdist.config import ConfigError, config_to_yaml, load_config
-from capsdist.distributed.engine import ReferenceDecay, build_lr_factor
+from capsdist.distributed.engine import ReferenceDecay, build_lr_factor, build_optimizer
 from capsdist.distributed.schedules import BudgetSchedule, progress_at
 from capsdist.errors import UserError
 from capsdist.models import build_model, num_parameters
@@ -213,6 +213,16 @@ def test_fast_configs_build_the_papers_capsnet_with_the_speed_recipe(preset):
     assert cfg.train.lr_schedule in ("onecycle", "cosine") and cfg.train.warmup_frac > 0
     assert cfg.train.time_limit_s == 600 and cfg.train.eval_every_s > 0
     assert cfg.train.lr == 4e-3 and cfg.data.shift_until == 0 and not cfg.data.flip
+    assert (cfg.train.adam_beta1, cfg.train.adam_beta2) == (0.9, 0.99)
+
+
+def test_adam_keeps_the_references_betas_unless_the_recipe_sets_them():
+    weights = [torch.nn.Parameter(torch.zeros(3))]
+    reference = build_optimizer(weights, load_config(["configs/debug_cpu.yaml"]).train)
+    assert reference.param_groups[0]["betas"] == (0.9, 0.999)  # TensorFlow's AdamOptimizer
+    overrides = ["train.adam_beta1=0.8", "train.adam_beta2=0.99"]
+    recipe = build_optimizer(weights, load_config(["configs/debug_cpu.yaml"], overrides).train)
+    assert recipe.param_groups[0]["betas"] == (0.8, 0.99)
 
 
 def test_fashion_mnist_reference_config_keeps_the_reference_recipe():
@@ -278,6 +288,7 @@ def test_training_only_model_keys_are_the_same_model_but_another_run():
         "data.shift_until=1.5",
         "model.primary_scaling=tf",
         "train.lr_final_factor=2",
+        "train.adam_beta2=1",
     ],
 )
 def test_recipe_keys_refuse_meaningless_values_naming_the_key(override):
