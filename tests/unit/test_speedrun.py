@@ -84,7 +84,7 @@ class FakeClock:
 def engine_like_scheduler(cfg):
     """A real LambdaLR over a real Adam, as build_engine makes (without DeepSpeed)."""
     weight = torch.nn.Parameter(torch.zeros(3))
-    optimizer = torch.optim.Adam([weight], lr=cfg.train.lr)
+    optimizer = build_optimizer([weight], cfg.train)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=build_lr_factor(cfg.train))
 
 
